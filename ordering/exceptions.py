@@ -1,0 +1,41 @@
+"""Everything the package raises, in one small hierarchy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EventArrivedEarly(Exception):
+    """The event's leader has not been seen yet; the event is parked as a follower."""
+
+    def __init__(self, event: Any):
+        super().__init__(f"event {getattr(event, 'id', event)} arrived before its leader")
+        self.event = event
+
+
+class MaxDepthExceeded(Exception):
+    """Followers were handled recursively deeper than the configured maximum."""
+
+    def __init__(self, event: Any):
+        super().__init__(f"event {getattr(event, 'id', event)} exceeded the maximum follower depth")
+        self.event = event
+
+
+class EventBeingProcessed(Exception):
+    """Another worker holds a live processing lease on this event; try it again later."""
+
+    def __init__(self, event: Any):
+        super().__init__(f"event {getattr(event, 'id', event)} is being processed elsewhere")
+        self.event = event
+
+
+class OrderingError(Exception):
+    """Base class of the store's own errors (not the ordering signals above)."""
+
+
+class SchemaError(OrderingError):
+    """The database schema is missing or not at the revision this code expects."""
+
+
+class StoreUnavailable(OrderingError):
+    """The database could not be reached, even after the bounded retries."""
