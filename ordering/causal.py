@@ -45,7 +45,7 @@ E_contra = TypeVar("E_contra", bound=BaseModel, contravariant=True)
 class EventHandler(Protocol[E_contra]):
     """What ``preceding_event_confirmed`` hands released followers to."""
 
-    def __call__(self, event: E_contra, depth: int = 0) -> Awaitable[None]: ...
+    def __call__(self, event: E_contra, /, depth: int = 0) -> Awaitable[None]: ...
 
 
 #: Names this process in lease and claim owners, so that audits can tell who holds what.
@@ -241,39 +241,41 @@ class CausalOrdering(Generic[E]):
         owner = _process_leases.pop((self.url, self.scope, event_id), None)
         if owner is not None:
             await self.store.release(self.scope, event_id, owner)
+        else:
+            logger.debug("no lease of this process to forget for %s", event_id)
 
     @asynccontextmanager
     async def event_is_processing(self, event: E) -> AsyncIterator[None]:
-        """Hold the event's lease while the body runs; mark it seen if the body succeeds."""
-        held = self._held(event)
-        if held is not None:
-            yield
+        """Hold the event's lease while the body runs; mark it seen if the body succeeds.
+
+        Raises EventBeingProcessed when another holder has a live lease.
+        """
+        if self._held(event) is not None:
+            yield  # a leader released this follower to us: its lease is already ours
             return
         owner = _new_owner()
         now = self._now()
         event_id: UUID = event.id  # type: ignore[attr-defined]
-        if (
-            await self.store.begin(
-                self.scope, event_id, None, owner, now, now + self.lease_duration, now
-            )
-            is None
-        ):
+        begun = await self.store.begin(
+            self.scope, event_id, None, owner, now, now + self.lease_duration, now
+        )
+        if begun is None:
             self._log(event, "is already being processed")
             raise EventBeingProcessed(event)
+        key = (self.url, self.scope, event_id)
+        _process_leases[key] = owner  # so that wait_for_leader can give it up when parking
         done = False
-        mine = _Held(owner)
-        token = _held.set({**_held.get(), (self.url, self.scope, event_id): mine})
         try:
             async with self._keep_alive(owner):
                 yield
-            if not mine.completed:
-                await self.store.complete(self.scope, event_id, owner, self._now(), None, now)
+            await self.store.complete(self.scope, event_id, owner, self._now(), None, now)
             done = True
         except EventArrivedEarly as early:
             done = _event_id(early.event) == event_id  # parking released the lease
             raise
         finally:
-            _held.reset(token)
+            if _process_leases.get(key) == owner:
+                del _process_leases[key]
             if not done:
                 await _shielded(self.store.release(self.scope, event_id, owner))
 

@@ -83,6 +83,8 @@ def _sql(statement: str) -> TextClause:
 
 
 # -- statements, both dialects -------------------------------------------------
+# Events are read back as CAST(event AS TEXT): the JSON text, whichever the dialect
+# (the asyncpg driver would otherwise decode JSONB into dicts), for model_validate_json.
 
 # Take the lease (or take over an expired one, or one already ours) and, in the same
 # statement, say whether the leader was seen or is being processed.  Returns no row
@@ -139,13 +141,13 @@ ON CONFLICT (scope, follower_id) DO NOTHING
 """)
 
 FOLLOWERS_OF = _sql("""
-SELECT event FROM ordering_waiting_followers
+SELECT CAST(event AS TEXT) FROM ordering_waiting_followers
 WHERE scope = :scope AND leader_id = :leader_id
 ORDER BY occurred, received, follower_id
 """)
 
 FOLLOWERS_BY_ID = _sql("""
-SELECT event FROM ordering_waiting_followers
+SELECT CAST(event AS TEXT) FROM ordering_waiting_followers
 WHERE scope = :scope AND follower_id IN :ids
 ORDER BY occurred, received, follower_id
 """)
@@ -155,7 +157,7 @@ TAKE_LOST = _sql("""
 DELETE FROM ordering_waiting_followers
 WHERE scope = :scope
   AND ((claimed_until IS NULL AND received <= :cutoff) OR claimed_until <= :now)
-RETURNING event
+RETURNING CAST(event AS TEXT)
 """)
 
 UNCLAIM = _sql("""

@@ -81,7 +81,8 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest) -> str:
     """A migrated database URL; every test using it runs once per dialect."""
-    return str(request.getfixturevalue(f"{request.param}_url"))
+    fixture = {"sqlite": "sqlite_url", "postgresql": "postgres_url"}[request.param]
+    return str(request.getfixturevalue(fixture))
 
 
 @pytest.fixture

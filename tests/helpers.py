@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent
+from ordering.causal import dispose_engines
+from ordering.models import utc_now
+
+T = TypeVar("T")
+
+
+def real_clock() -> MutableClock:
+    """A movable clock that starts at the real current time."""
+    return MutableClock(utc_now())
 
 
 class MutableClock:
@@ -103,3 +115,33 @@ def assert_causal(handled: list[ReceivedEvent], events: list[Any]) -> None:
     for e in events:
         if e.follows is not None and e.follows in position:
             assert position[e.follows] < position[e.id], f"{e.event} was handled before its leader"
+
+
+def run_in_threads(count: int, work: Callable[[int], Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``work(i)`` for i in range(count), each in its own thread and event loop, so
+    each gets its own engine and connections: real concurrency against the database."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def target(i: int) -> None:
+        async def main() -> T:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+                return await work(i)
+            finally:
+                await dispose_engines()
+
+        try:
+            results[i] = asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

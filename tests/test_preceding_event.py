@@ -1,0 +1,306 @@
+"""The consumer's entry point: wait_for_leader and preceding_event_confirmed
+(rules 2, 4 and 7 of the store issue)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from datetime import timedelta
+
+import pytest
+
+from ordering import (
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    CausalOrdering,
+    EventArrivedEarly,
+    MaxDepthExceeded,
+    ReceivedEvent,
+)
+
+from .helpers import Consumer, MutableClock, assert_causal, make_chain, make_event
+
+Ordering = CausalOrdering[ReceivedEvent]
+
+
+async def _rows_left(ordering: Ordering) -> tuple[int, int]:
+    """(waiting followers, live or expired leases) left in the scope."""
+    from sqlalchemy import func, select
+
+    from ordering.schema import processing_leases, waiting_followers
+
+    async with ordering.store.engine.connect() as connection:
+        followers = (
+            await connection.execute(
+                select(func.count()).where(waiting_followers.c.scope == ordering.scope)
+            )
+        ).scalar_one()
+        leases = (
+            await connection.execute(
+                select(func.count()).where(processing_leases.c.scope == ordering.scope)
+            )
+        ).scalar_one()
+    return followers, leases
+
+
+@pytest.mark.parametrize("reenter", [True, False], ids=["handler-reenters", "plain-handler"])
+@pytest.mark.parametrize("delivery", ["in-order", "jumbled", "backwards"])
+async def test_chains_are_handled_in_causal_order(
+    ordering: Ordering, clock: MutableClock, delivery: str, reenter: bool
+) -> None:
+    chains = [make_chain(clock, 6, name=f"c{i}") for i in range(5)]
+    events = [e for chain in chains for e in chain]
+    if delivery == "in-order":
+        order = [chain[i] for i in range(6) for chain in chains]
+    elif delivery == "backwards":
+        order = events[::-1]
+    else:
+        order = events[:]
+        random.Random(42).shuffle(order)
+    consumer = Consumer(ordering, reenter=reenter)
+    for event in order:
+        await consumer.consume(event)
+    assert_causal(consumer.handled, events)
+    assert await _rows_left(ordering) == (0, 0)
+    for event in events:
+        assert await ordering.event_has_been_seen(event)
+
+
+@pytest.mark.parametrize("reenter", [True, False], ids=["handler-reenters", "plain-handler"])
+async def test_spr_c_arriving_p_s_r_c_finishes_in_one_pass(
+    ordering: Ordering, clock: MutableClock, reenter: bool
+) -> None:
+    """S <- P <- R <- C delivered as P, S, R, C: S releases P, and P, released rather than
+    delivered, must count as seen so that R and C go straight through."""
+    s, p, r, c = make_chain(clock, 4, name="x")
+    consumer = Consumer(ordering, reenter=reenter)
+    assert not await consumer.consume(p)
+    assert await consumer.consume(s)
+    assert consumer.handled == [s, p]
+    assert consumer.depths == [0, 1]
+    assert await ordering.event_has_been_seen(p)
+    assert await consumer.consume(r)
+    assert await consumer.consume(c)
+    assert consumer.handled == [s, p, r, c]
+    assert await _rows_left(ordering) == (0, 0)
+
+
+async def test_released_followers_get_increasing_depth(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    chain = make_chain(clock, 5)
+    consumer = Consumer(ordering)
+    for event in chain[:0:-1]:
+        assert not await consumer.consume(event)
+    assert await consumer.consume(chain[0])
+    assert consumer.handled == chain
+    assert consumer.depths == [0, 1, 2, 3, 4]
+
+
+async def test_wait_for_leader_goes_at_once_when_it_may(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    leader = make_event(clock)
+    await ordering.wait_for_leader(leader)  # follows nothing
+    old = make_event(clock, follows=leader.id, received=clock() - PRECEDING_EVENT_LOOKBACK)
+    await ordering.wait_for_leader(old)  # too old to wait for anything
+    await ordering.record_event_as_seen(leader)
+    await ordering.wait_for_leader(make_event(clock, follows=leader.id))
+    assert await ordering.get_followers(leader) == []
+
+
+async def test_wait_for_leader_parks_an_early_event(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    leader = make_event(clock)
+    follower = make_event(clock, follows=leader.id)
+    with pytest.raises(EventArrivedEarly) as raised:
+        await ordering.wait_for_leader(follower)
+    assert raised.value.event is follower
+    assert await ordering.get_followers(leader) == [follower]
+
+
+async def test_a_follower_waits_for_a_leader_in_flight(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    ordering = CausalOrdering(scope, url=db_url, clock=clock, poll_interval=0.02)
+    leader = make_event(clock)
+    follower = make_event(clock, follows=leader.id)
+    consumer = Consumer(ordering)
+    leader_inside = asyncio.Event()
+    leader_may_finish = asyncio.Event()
+
+    async def slow_leader() -> None:
+        async with ordering.preceding_event_confirmed(consumer.handler, leader):
+            leader_inside.set()
+            await leader_may_finish.wait()
+            consumer.handled.append(leader)
+
+    task = asyncio.create_task(slow_leader())
+    await leader_inside.wait()
+    follower_task = asyncio.create_task(consumer.consume(follower))
+    await asyncio.sleep(0.1)
+    assert not follower_task.done()  # waiting, not parked
+    assert await ordering.get_followers(leader) == []
+    leader_may_finish.set()
+    await task
+    assert await follower_task is True
+    assert consumer.handled == [leader, follower]
+    await ordering.clear()
+
+
+async def test_a_leader_in_flight_that_never_finishes_parks_the_follower(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    ordering = CausalOrdering(
+        scope,
+        url=db_url,
+        clock=clock,
+        poll_interval=0.02,
+        in_flight_event_timeout=timedelta(seconds=0.2),
+    )
+    leader = make_event(clock)
+    follower = make_event(clock, follows=leader.id)
+    assert await ordering.record_event_as_processing(leader)
+    consumer = Consumer(ordering)
+    assert not await consumer.consume(follower)
+    assert await ordering.get_followers(leader) == [follower]
+    # ...and the leader, once it is handled, releases it
+    await ordering.forget_event_is_processing(leader)
+    assert await consumer.consume(leader)
+    assert consumer.handled == [leader, follower]
+    await ordering.clear()
+
+
+async def test_a_follower_parked_through_the_public_calls_is_handed_over(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    """The seed's own pattern (event_is_processing, then wait_for_leader): parking gives
+    up the follower's lease, so its leader can take it over at once."""
+    leader = make_event(clock, name="leader")
+    follower = make_event(clock, name="follower", follows=leader.id)
+    with pytest.raises(EventArrivedEarly):
+        async with ordering.event_is_processing(follower):
+            await ordering.wait_for_leader(follower)
+    assert not await ordering.event_has_started_processing(follower)
+    consumer = Consumer(ordering)
+    assert await consumer.consume(leader)
+    assert consumer.names == ["leader", "follower"]
+    assert await _rows_left(ordering) == (0, 0)
+
+
+async def test_a_redelivered_follower_in_flight_handles_itself(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    """When the leader completes while a redelivered copy of its follower holds the
+    follower's lease, exactly one of them handles it, at once: the copy."""
+    ordering = CausalOrdering(scope, url=db_url, clock=clock)
+    leader = make_event(clock, name="leader")
+    follower = make_event(clock, name="follower", follows=leader.id)
+    first = Consumer(ordering)
+    assert not await first.consume(follower)  # parked
+
+    second = Consumer(ordering)
+    copy_inside = asyncio.Event()
+    copy_may_go = asyncio.Event()
+
+    async def redelivered() -> None:
+        async with ordering.event_is_processing(follower):
+            copy_inside.set()
+            await copy_may_go.wait()
+            await ordering.wait_for_leader(follower)
+            second.handled.append(follower)
+
+    task = asyncio.create_task(redelivered())
+    await copy_inside.wait()
+    assert await first.consume(leader)
+    assert first.names == ["leader"]  # the copy holds the follower: not handed out twice
+    copy_may_go.set()
+    await task
+    assert second.names == ["follower"]
+    await ordering.forget_follower(follower)
+    assert await _rows_left(ordering) == (0, 0)
+    await ordering.clear()
+
+
+async def test_a_failing_follower_handler_keeps_the_follower(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    leader, follower = make_chain(clock, 2)
+    consumer = Consumer(ordering, fail_on={follower.id})
+    assert not await consumer.consume(follower)
+    with pytest.raises(RuntimeError, match="handler failed"):
+        await consumer.consume(leader)
+    assert await ordering.event_has_been_seen(leader)
+    assert not await ordering.event_has_been_seen(follower)
+    assert await ordering.get_followers(leader) == [follower]  # unclaimed again
+    assert not await ordering.event_has_started_processing(follower)
+    clock.advance(PRECEDING_EVENT_LOOKBACK)
+    assert await ordering.get_lost_followers() == [follower]
+
+
+async def test_followers_claimed_by_a_dead_worker_come_back_without_the_lookback(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    ordering = CausalOrdering(scope, url=db_url, clock=clock, lease_duration=timedelta(seconds=5))
+    leader, follower = make_chain(clock, 2)
+    await ordering.record_follower(follower)
+    # a worker completes the leader, claims the follower, and dies before handling it
+    now = clock()
+    claimed = await ordering.store.complete(
+        scope, leader.id, None, now, "dead-worker", now + timedelta(seconds=5)
+    )
+    assert len(claimed) == 1
+    assert await ordering.get_lost_followers() == []
+    assert await ordering.event_has_started_processing(follower)
+    clock.advance(timedelta(seconds=5))
+    assert await ordering.get_lost_followers() == [follower]
+    consumer = Consumer(ordering)
+    assert await consumer.consume(follower)  # its leader is seen: it goes
+    assert await _rows_left(ordering) == (0, 0)
+    await ordering.clear()
+
+
+async def test_max_depth_stops_at_the_root_without_raising(
+    ordering: Ordering, clock: MutableClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    chain = make_chain(clock, MAX_DEPTH_OF_PRECEDING_EVENT + 5)
+    consumer = Consumer(ordering)
+    for event in chain[:0:-1]:
+        assert not await consumer.consume(event)
+    with caplog.at_level(logging.INFO, logger="ordering"):
+        assert await consumer.consume(chain[0])
+    handled = MAX_DEPTH_OF_PRECEDING_EVENT + 1
+    assert consumer.handled == chain[:handled]
+    assert "reached its max depth" in caplog.text
+    remaining = chain[handled:]
+    assert await ordering.followers_by_id([e.id for e in remaining]) == remaining
+    clock.advance(PRECEDING_EVENT_LOOKBACK)
+    lost = await ordering.get_lost_followers()
+    assert lost == remaining  # nothing was dropped
+    for event in lost:
+        await consumer.consume(event)
+    assert_causal(consumer.handled, chain)
+
+
+async def test_a_call_beyond_the_max_depth_raises(ordering: Ordering, clock: MutableClock) -> None:
+    event = make_event(clock)
+    consumer = Consumer(ordering)
+    with pytest.raises(MaxDepthExceeded) as raised:
+        async with ordering.preceding_event_confirmed(
+            consumer.handler, event, depth=MAX_DEPTH_OF_PRECEDING_EVENT + 1
+        ):
+            pass  # pragma: no cover
+    assert raised.value.event is event
+    assert not await ordering.event_has_started_processing(event)
+
+
+async def test_the_lease_is_held_only_inside(ordering: Ordering, clock: MutableClock) -> None:
+    event = make_event(clock)
+    consumer = Consumer(ordering)
+    async with ordering.preceding_event_confirmed(consumer.handler, event):
+        assert await ordering.event_has_started_processing(event)
+        assert not await ordering.event_has_been_seen(event)
+    assert not await ordering.event_has_started_processing(event)
+    assert await ordering.event_has_been_seen(event)

@@ -1,0 +1,203 @@
+"""Seen events and processing leases (rules 1, 8 and 9 of the store issue)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from uuid import uuid4
+
+import pytest
+from sqlalchemy import insert
+
+from ordering import (
+    SEEN_EXPIRATION,
+    CausalOrdering,
+    EventBeingProcessed,
+    ReceivedEvent,
+)
+from ordering.schema import seen_events
+
+from .helpers import MutableClock, make_event, real_clock, run_in_threads
+
+Ordering = CausalOrdering[ReceivedEvent]
+
+
+async def test_an_event_is_seen_once_recorded(ordering: Ordering, clock: MutableClock) -> None:
+    event = make_event(clock)
+    assert not await ordering.event_has_been_seen(event)
+    await ordering.record_event_as_seen(event)
+    assert await ordering.event_has_been_seen(event)
+    assert await ordering.event_has_been_seen(event.id)
+
+
+async def test_seen_expires_after_seen_expiration(ordering: Ordering, clock: MutableClock) -> None:
+    event = make_event(clock)
+    await ordering.record_event_as_seen(event)
+    clock.advance(SEEN_EXPIRATION - timedelta(seconds=1))
+    assert await ordering.event_has_been_seen(event)
+    clock.advance(timedelta(seconds=1))
+    assert not await ordering.event_has_been_seen(event)
+
+
+async def test_seen_has_no_size_cap(ordering: Ordering, clock: MutableClock) -> None:
+    """The in-memory peer forgets beyond 10,000 events; the store does not."""
+    first = make_event(clock)
+    await ordering.record_event_as_seen(first)
+    rows = [
+        {"scope": ordering.scope, "event_id": uuid4(), "seen_at": clock()} for _ in range(10_500)
+    ]
+    async with ordering.store.engine.connect() as connection:
+        await connection.execute(insert(seen_events), rows)
+    last = make_event(clock)
+    await ordering.record_event_as_seen(last)
+    assert await ordering.event_has_been_seen(first)
+    assert await ordering.event_has_been_seen(last)
+
+
+async def test_a_processing_lease_is_exclusive(ordering: Ordering, clock: MutableClock) -> None:
+    event = make_event(clock)
+    assert not await ordering.event_has_started_processing(event)
+    assert await ordering.record_event_as_processing(event)
+    assert await ordering.event_has_started_processing(event)
+    assert await ordering.event_has_started_processing(event.id)
+    assert not await ordering.record_event_as_processing(event)
+    await ordering.forget_event_is_processing(event)
+    assert not await ordering.event_has_started_processing(event)
+    assert await ordering.record_event_as_processing(event)
+
+
+async def test_an_expired_lease_may_be_taken_over(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    crashed = CausalOrdering(scope, url=db_url, clock=clock, lease_duration=timedelta(seconds=30))
+    survivor = CausalOrdering(scope, url=db_url, clock=clock)
+    event = make_event(clock)
+    assert await crashed.record_event_as_processing(event)
+    clock.advance(timedelta(seconds=29))
+    assert not await survivor.record_event_as_processing(event)
+    clock.advance(timedelta(seconds=1))
+    assert not await survivor.event_has_started_processing(event)
+    assert await survivor.record_event_as_processing(event)
+    await survivor.clear()
+
+
+async def test_a_stale_holder_finishing_late_keeps_the_new_lease(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    """Leases are released by their own token only: a holder whose lease expired and
+    was taken over does not drop the new holder's lease when it finally finishes."""
+    stale = CausalOrdering(scope, url=db_url, clock=clock, lease_duration=timedelta(seconds=30))
+    survivor = CausalOrdering(scope, url=db_url, clock=clock)
+    event = make_event(clock)
+
+    async def handler(e: ReceivedEvent, depth: int = 0) -> None:  # pragma: no cover
+        pass
+
+    async with stale.preceding_event_confirmed(handler, event):
+        clock.advance(timedelta(seconds=31))
+        assert await survivor.record_event_as_processing(event)
+    assert await survivor.event_has_started_processing(event)
+    assert await survivor.event_has_been_seen(event)
+    await survivor.clear()
+
+
+def test_fifty_concurrent_callers_on_fifty_connections_one_winner(db_url: str, scope: str) -> None:
+    event = make_event(real_clock())
+
+    async def attempt(_: int) -> bool:
+        return await CausalOrdering(scope, url=db_url).record_event_as_processing(event)
+
+    results = run_in_threads(50, attempt)
+    assert results.count(True) == 1
+
+    async def cleanup(_: int) -> None:
+        await CausalOrdering(scope, url=db_url).clear()
+
+    run_in_threads(1, cleanup)
+
+
+async def test_event_is_processing_marks_seen_and_releases(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    event = make_event(clock)
+    async with ordering.event_is_processing(event):
+        assert await ordering.event_has_started_processing(event)
+        with pytest.raises(EventBeingProcessed) as raised:
+            async with ordering.event_is_processing(event):
+                pass  # pragma: no cover
+        assert raised.value.event is event
+    assert await ordering.event_has_been_seen(event)
+    assert not await ordering.event_has_started_processing(event)
+
+
+async def test_a_failed_body_releases_without_marking_seen(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    event = make_event(clock)
+    with pytest.raises(RuntimeError):
+        async with ordering.event_is_processing(event):
+            raise RuntimeError("handler failed")
+    assert not await ordering.event_has_been_seen(event)
+    assert not await ordering.event_has_started_processing(event)
+
+
+@pytest.mark.parametrize("entry", ["event_is_processing", "preceding_event_confirmed"])
+async def test_cancellation_still_releases_the_lease(
+    ordering: Ordering, clock: MutableClock, entry: str
+) -> None:
+    event = make_event(clock)
+    inside = asyncio.Event()
+
+    async def handler(e: ReceivedEvent, depth: int = 0) -> None:  # pragma: no cover
+        pass
+
+    async def consumer() -> None:
+        manager = (
+            ordering.event_is_processing(event)
+            if entry == "event_is_processing"
+            else ordering.preceding_event_confirmed(handler, event)
+        )
+        async with manager:
+            inside.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(consumer())
+    await inside.wait()
+    assert await ordering.event_has_started_processing(event)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not await ordering.event_has_started_processing(event)
+    assert not await ordering.event_has_been_seen(event)
+
+
+async def test_a_timeout_around_the_consumer_releases_the_lease(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    event = make_event(clock)
+
+    async def handler(e: ReceivedEvent, depth: int = 0) -> None:  # pragma: no cover
+        pass
+
+    async def consumer() -> None:
+        async with ordering.preceding_event_confirmed(handler, event):
+            await asyncio.sleep(3600)
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await consumer()
+    assert not await ordering.event_has_started_processing(event)
+    assert await ordering.record_event_as_processing(event)
+
+
+async def test_a_slow_body_keeps_its_lease_alive(db_url: str, scope: str) -> None:
+    """A live holder renews its lease, so only a dead one ever loses it (real time here:
+    the lease is a second long and the body takes two)."""
+    holder = CausalOrdering(scope, url=db_url, lease_duration=timedelta(seconds=1))
+    other = CausalOrdering(scope, url=db_url)
+    event = make_event(real_clock())
+    async with holder.event_is_processing(event):
+        await asyncio.sleep(2.0)
+        assert not await other.record_event_as_processing(event)
+    assert await other.event_has_been_seen(event)
+    await holder.clear()
