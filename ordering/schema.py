@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
 #: The alembic revision this code expects the database to be at.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 
 #: Alembic's bookkeeping table, named so it cannot clash with a host application's.
 VERSION_TABLE = "ordering_alembic_version"
