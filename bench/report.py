@@ -1,0 +1,230 @@
+"""The bench's output: markdown tables for people, JSON for comparing runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .profiling import render as render_profile
+from .results import BenchResults, DialectResults, WorkloadResult
+
+
+def _number(value: float | int | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _workload_row(result: WorkloadResult) -> list[str]:
+    implementation = result.implementation
+    if result.dialect:
+        implementation = f"{implementation} ({result.dialect})"
+    return [
+        implementation,
+        result.workload,
+        _number(result.events),
+        _number(result.events_per_s),
+        _number(result.p50_ms, 2),
+        _number(result.p99_ms, 2),
+        _number(result.us_per_event),
+        _number(result.commit_ratio, 2),
+        _number(result.statements_per_event, 2),
+        _number(result.transactions_per_event, 2),
+        _number(result.round_trips_per_event, 2),
+        _number(result.thread_hops_per_event, 1),
+    ]
+
+
+WORKLOAD_HEADER = [
+    "implementation",
+    "workload",
+    "events",
+    "events/s",
+    "p50 ms",
+    "p99 ms",
+    "µs/event",
+    "x commit",
+    "stmts/event",
+    "txns/event",
+    "round trips/event",
+    "thread hops/event",
+]
+
+
+def markdown(results: BenchResults) -> str:
+    lines: list[str] = [f"## ordering bench — {results.meta.get('started', '')}", ""]
+    rows = [_workload_row(r) for d in results.dialects for r in d.workloads]
+    rows += [_workload_row(r) for r in results.reference]
+    if rows:
+        lines += [*_table(WORKLOAD_HEADER, rows, right_from=2), ""]
+    lines += _limits_section(results.dialects)
+    for dialect in results.dialects:
+        lines += _construction_section(dialect)
+        lines += _wakeup_section(dialect)
+        lines += _workers_section(dialect)
+        lines += _growth_section(dialect)
+        if dialect.profile is not None:
+            lines += [render_profile(dialect.dialect, dialect.profile)]
+    notes = results.notes + [f"{d.dialect}: {n}" for d in results.dialects for n in d.notes]
+    if notes:
+        lines += ["Notes:"] + [f"- {note}" for note in notes] + [""]
+    return "\n".join(lines)
+
+
+def _limits_section(dialects: list[DialectResults]) -> list[str]:
+    rows = [
+        [
+            d.dialect,
+            _number(d.limits.insert_commit_per_s),
+            _number(d.limits.insert_commit_us),
+            _number(d.limits.insert_in_transaction_per_s),
+            _number(d.limits.select1_p50_us),
+        ]
+        for d in dialects
+        if d.limits is not None
+    ]
+    if not rows:
+        return []
+    header = [
+        "database's own limit",
+        "INSERT+COMMIT/s",
+        "µs per INSERT+COMMIT",
+        "BEGIN;INSERT;COMMIT/s",
+        "SELECT 1 p50 µs",
+    ]
+    return [*_table(header, rows), ""]
+
+
+def _construction_section(dialect: DialectResults) -> list[str]:
+    c = dialect.construction
+    if c is None:
+        return []
+    return [
+        f"Construction ({dialect.dialect}): `CausalOrdering(scope)` {c.construct_us:.2f} µs, "
+        f"with `.store` {c.construct_and_store_us:.2f} µs (x{c.constructions:,}); "
+        f"{c.distinct_engines} distinct engine(s); live engines "
+        f"{c.engines_before} before, {c.engines_after} after.",
+        "",
+    ]
+
+
+def _wakeup_section(dialect: DialectResults) -> list[str]:
+    if not dialect.wakeup:
+        return []
+    rows = [
+        [
+            w.configuration,
+            _number(w.samples),
+            _number(w.added_p50_ms, 1),
+            _number(w.added_p90_ms, 1),
+            _number(w.added_max_ms, 1),
+        ]
+        for w in dialect.wakeup
+    ]
+    header = [
+        f"follower wake-up ({dialect.dialect})",
+        "samples",
+        "added p50 ms",
+        "p90 ms",
+        "max ms",
+    ]
+    return [*_table(header, rows), ""]
+
+
+def _workers_section(dialect: DialectResults) -> list[str]:
+    if not dialect.workers:
+        return []
+    single = {w.workload: w.events_per_s for w in dialect.workers if w.workers == 1}
+    rows = []
+    for w in dialect.workers:
+        base = single.get(w.workload)
+        rows.append(
+            [
+                w.workload,
+                _number(w.workers),
+                _number(w.events),
+                _number(w.events_per_s),
+                _number(w.events_per_s / base, 2) if base else "-",
+                " / ".join(_number(x) for x in w.per_worker_events_per_s),
+                _number(max(w.rss_kib) // 1024 if w.rss_kib else None),
+            ]
+        )
+    header = [
+        f"worker processes ({dialect.dialect})",
+        "workers",
+        "events",
+        "total events/s",
+        "x one worker",
+        "per worker events/s",
+        "max RSS MiB",
+    ]
+    return [*_table(header, rows, right_from=1), ""]
+
+
+def _growth_section(dialect: DialectResults) -> list[str]:
+    g = dialect.growth
+    if g is None:
+        return []
+    lines = [
+        f"Growth ({dialect.dialect}): preloaded {g.seen_rows:,} seen rows and "
+        f"{g.waiting_rows:,} waiting followers in {g.preload_s:.1f} s; in-order p50 "
+        f"{g.empty_p50_ms:.2f} ms empty → {g.grown_p50_ms:.2f} ms grown "
+        f"(x{g.p50_ratio:.2f}, target ≤ 1.3), p99 {g.grown_p99_ms:.2f} ms, "
+        f"{g.grown_events_per_s:,.0f} events/s.  RSS {g.rss_kib_before // 1024} MiB before, "
+        f"{g.rss_kib_after_preload_run // 1024} MiB after"
+        + (
+            f", {g.rss_kib_after_prune // 1024} MiB after prune"
+            if g.rss_kib_after_prune is not None
+            else ""
+        )
+        + f" (peak {g.maxrss_kib // 1024} MiB).",
+    ]
+    p = g.prune
+    if p is not None and "seconds" in p:
+        lines.append(
+            f"Prune (in another process) of {p['expired_rows_before']:,} expired seen rows: "
+            f"deleted {p['deleted_seen']:,} in {p['seconds']:.1f} s, {p['batches']:,} batches "
+            f"(median {p['median_batch_ms']:.1f} ms, longest {p['longest_batch_ms']:.1f} ms), "
+            f"{p['expired_rows_after']:,} left; meanwhile the worker delivered "
+            f"{p['worker_events_during_prune']:,} in-order events, p50 "
+            f"{_number(p['worker_p50_ms'], 2)} ms, p99 {_number(p['worker_p99_ms'], 2)} ms."
+        )
+    elif p is not None:
+        lines.append("Prune: " + ", ".join(f"{k} {_plain(v)}" for k, v in p.items()) + ".")
+    return [*lines, ""]
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(results: BenchResults, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _jsonable(dataclasses.asdict(results))
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

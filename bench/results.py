@@ -1,0 +1,162 @@
+"""What the bench measures, as plain dataclasses (rendered by report.py, dumped as JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .counting import Counts
+from .workloads import Timing, percentile
+
+
+@dataclass
+class WorkloadResult:
+    implementation: str
+    dialect: str | None
+    workload: str
+    events: int
+    seconds: float
+    events_per_s: float
+    p50_ms: float
+    p99_ms: float
+    us_per_event: float
+    parked: int
+    statements_per_event: float | None = None
+    transactions_per_event: float | None = None
+    round_trips_per_event: float | None = None
+    thread_hops_per_event: float | None = None
+    checkouts_per_event: float | None = None
+    connections_opened: int | None = None
+    #: per-event cost divided by one single-row INSERT+COMMIT on the same database
+    commit_ratio: float | None = None
+    statements: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        implementation: str,
+        dialect: str | None,
+        workload: str,
+        events: int,
+        timing: Timing,
+        parked: int,
+        counts: Counts | None,
+    ) -> WorkloadResult:
+        result = cls(
+            implementation=implementation,
+            dialect=dialect,
+            workload=workload,
+            events=events,
+            seconds=timing.seconds,
+            events_per_s=events / timing.seconds,
+            p50_ms=percentile(timing.latencies_ns, 0.50),
+            p99_ms=percentile(timing.latencies_ns, 0.99),
+            us_per_event=timing.seconds / events * 1e6,
+            parked=parked,
+        )
+        if counts is not None:
+            result.statements_per_event = counts.statements / events
+            result.transactions_per_event = counts.transactions / events
+            # PostgreSQL: one round trip per statement; SQLite: statements stand for
+            # thread hops (the measured hops are in thread_hops_per_event).
+            result.round_trips_per_event = counts.statements / events
+            result.checkouts_per_event = counts.checkouts / events
+            result.connections_opened = counts.connects
+            if dialect == "sqlite":
+                result.thread_hops_per_event = counts.thread_hops / events
+            result.statements = {
+                name: round(count / events, 3)
+                for name, count in sorted(counts.by_statement.items())
+            }
+        return result
+
+
+@dataclass
+class Limits:
+    """The database's own speed, measured beside the store in the same run."""
+
+    dialect: str
+    how: str
+    insert_commit_per_s: float
+    insert_commit_us: float
+    select1_p50_us: float
+    #: PostgreSQL only: BEGIN; INSERT; COMMIT (three round trips)
+    insert_in_transaction_per_s: float | None = None
+    server_version: str = ""
+
+
+@dataclass
+class Construction:
+    dialect: str
+    constructions: int
+    construct_us: float
+    construct_and_store_us: float
+    distinct_engines: int
+    engines_before: int
+    engines_after: int
+
+
+@dataclass
+class Wakeup:
+    configuration: str
+    poll_interval: float | None
+    samples: int
+    added_p50_ms: float
+    added_p90_ms: float
+    added_max_ms: float
+    hold_s: tuple[float, float]
+
+
+@dataclass
+class WorkersRun:
+    workload: str
+    workers: int
+    events: int
+    seconds: float
+    events_per_s: float
+    per_worker_events_per_s: list[float]
+    rss_kib: list[int]
+
+
+@dataclass
+class Growth:
+    dialect: str
+    size: int
+    seen_rows: int
+    waiting_rows: int
+    preload_s: float
+    empty_p50_ms: float
+    grown_p50_ms: float
+    grown_p99_ms: float
+    p50_ratio: float
+    grown_events_per_s: float
+    rss_kib_before: int
+    rss_kib_after_preload_run: int
+    rss_kib_after_prune: int | None = None
+    maxrss_kib: int = 0
+    #: the in-order p50 of the main run, for comparison with the baseline taken here
+    main_run_empty_p50_ms: float | None = None
+    prune: dict[str, Any] | None = None
+
+
+@dataclass
+class DialectResults:
+    dialect: str
+    url: str
+    limits: Limits | None = None
+    workloads: list[WorkloadResult] = field(default_factory=list)
+    construction: Construction | None = None
+    wakeup: list[Wakeup] = field(default_factory=list)
+    workers: list[WorkersRun] = field(default_factory=list)
+    growth: Growth | None = None
+    #: ``--profile``: see bench/profiling.py
+    profile: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchResults:
+    meta: dict[str, Any]
+    dialects: list[DialectResults] = field(default_factory=list)
+    reference: list[WorkloadResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)

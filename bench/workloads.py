@@ -1,0 +1,174 @@
+"""The three workloads of issue 4, delivered through the consumer pattern a user writes.
+
+* in-order: chains of 10 events, each following the one before it, chains interleaved,
+  each chain delivered in causal order;
+* jumbled: the same chains, each chain's order shuffled, so followers arrive before
+  their leaders and park until the leader releases them;
+* independent: events that follow nothing.
+
+Every event goes through ``async with ordering.preceding_event_confirmed(handler, event)``;
+the handler re-enters ``preceding_event_confirmed`` for released followers, and an event
+that arrives early is caught as ``EventArrivedEarly``.  Events are delivered one at a
+time, so the latency of one top-level call is the store's per-event cost.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+WORKLOADS = ("in-order", "jumbled", "independent")
+CHAIN_LENGTH = 10
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One event to deliver, before it is made into a model of some implementation."""
+
+    id: UUID
+    follows: UUID | None
+    occurred: datetime
+    chain: int
+
+
+def make_chains(events: int, start: datetime, length: int = CHAIN_LENGTH) -> list[list[Spec]]:
+    """``events // length`` chains of ``length`` events, each following the one before."""
+    chains: list[list[Spec]] = []
+    for chain in range(max(1, events // length)):
+        links: list[Spec] = []
+        for position in range(length):
+            links.append(
+                Spec(
+                    id=uuid.uuid4(),
+                    follows=links[-1].id if links else None,
+                    occurred=start + timedelta(seconds=position, microseconds=chain),
+                    chain=chain,
+                )
+            )
+        chains.append(links)
+    return chains
+
+
+def interleave(chains: Sequence[Sequence[Spec]]) -> list[Spec]:
+    """The k-th event of every chain, then the (k+1)-th, and so on."""
+    longest = max((len(c) for c in chains), default=0)
+    return [chain[k] for k in range(longest) for chain in chains if k < len(chain)]
+
+
+def make_specs(workload: str, events: int, seed: int) -> list[Spec]:
+    """The events of one workload, in delivery order (reproducible for a given seed)."""
+    start = datetime.now(UTC)
+    if workload == "independent":
+        return [
+            Spec(id=uuid.uuid4(), follows=None, occurred=start + timedelta(microseconds=i), chain=i)
+            for i in range(events)
+        ]
+    chains = make_chains(events, start)
+    if workload == "in-order":
+        return interleave(chains)
+    if workload == "jumbled":
+        rng = random.Random(seed)
+        shuffled = [rng.sample(chain, len(chain)) for chain in chains]
+        return interleave(shuffled)
+    raise ValueError(f"unknown workload {workload!r}: choose from {', '.join(WORKLOADS)}")
+
+
+def materialize(specs: Sequence[Spec], model: type[Any]) -> list[Any]:
+    """Event models of one implementation (ours or Prefect's), received just now."""
+    received = datetime.now(UTC)
+    return [
+        model(
+            occurred=spec.occurred,
+            event="bench.event",
+            resource={"prefect.resource.id": f"bench.resource.{spec.chain}"},
+            id=spec.id,
+            follows=spec.follows,
+            received=received,
+        )
+        for spec in specs
+    ]
+
+
+class Consumer:
+    """The consumer a user writes; ``ordering_for`` gives the ordering for each call
+    (the same instance, or a new one per event as Prefect's server constructs them)."""
+
+    def __init__(self, ordering_for: Callable[[], Any], arrived_early: type[BaseException]):
+        self.ordering_for = ordering_for
+        self.arrived_early = arrived_early
+        self.handled: list[UUID] = []
+        self.parked = 0
+
+    async def handler(self, event: Any, depth: int = 0) -> None:
+        async with self.ordering_for().preceding_event_confirmed(self.handler, event, depth=depth):
+            self.handled.append(event.id)
+
+    async def consume(self, event: Any) -> None:
+        try:
+            async with self.ordering_for().preceding_event_confirmed(self.handler, event):
+                self.handled.append(event.id)
+        except self.arrived_early:
+            self.parked += 1
+
+
+@dataclass
+class Timing:
+    seconds: float
+    latencies_ns: list[int]
+    #: when each call started, on ``time.monotonic_ns`` (one clock for all processes)
+    starts_ns: list[int]
+
+
+async def deliver(
+    consumer: Consumer, events: Sequence[Any], profiler: cProfile.Profile | None = None
+) -> Timing:
+    """Deliver the events one after another, timing each top-level call (and
+    profiling only the deliveries when given a profiler)."""
+    gc.collect()
+    latencies: list[int] = []
+    starts: list[int] = []
+    clock = time.monotonic_ns
+    if profiler is not None:
+        profiler.enable()
+    started = clock()
+    for event in events:
+        before = clock()
+        await consumer.consume(event)
+        latencies.append(clock() - before)
+        starts.append(before)
+    finished = clock()
+    if profiler is not None:
+        profiler.disable()
+    return Timing((finished - started) / 1e9, latencies, starts)
+
+
+def check_causal(handled: Sequence[UUID], specs: Sequence[Spec]) -> None:
+    """Every event handled exactly once, each after the event it follows: a bench that
+    measured a broken ordering would be worse than none."""
+    position = {event_id: i for i, event_id in enumerate(handled)}
+    if len(position) != len(handled):
+        raise AssertionError("an event was handled twice")
+    missing = len({s.id for s in specs} - position.keys())
+    if missing:
+        raise AssertionError(f"{missing} of {len(specs)} events were never handled")
+    for spec in specs:
+        if spec.follows is not None and position[spec.follows] > position[spec.id]:
+            raise AssertionError(f"event {spec.id} was handled before its leader")
+
+
+def percentile(values_ns: Sequence[int], fraction: float) -> float:
+    """Nearest-rank percentile, in milliseconds."""
+    if not values_ns:
+        return math.nan
+    ordered = sorted(values_ns)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1] / 1e6
