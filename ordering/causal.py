@@ -400,23 +400,40 @@ class CausalOrdering(Generic[E]):
         raise EventArrivedEarly(event)
 
     async def _wait_for_in_flight(self, event: Any, leader: UUID) -> bool:
-        """Poll while the leader is being processed; True once it has been seen."""
+        """Wait while the leader is being processed; True once it has been seen.
+
+        On PostgreSQL the leader's completion wakes us (LISTEN/NOTIFY); polling every
+        ``poll_interval`` stays as the fallback, and is all there is on SQLite.
+        """
+        store = self.store
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.in_flight_event_timeout.total_seconds()
-        while (remaining := deadline - loop.time()) > 0:
-            await asyncio.sleep(min(self.poll_interval, remaining))
-            now = self._now()
-            seen, in_flight = await self.store.leader_status(
-                self.scope, leader, now, now - self.seen_expiration
-            )
-            if seen:
-                return True
-            if not in_flight:
-                return False  # its holder gave up or died: park instead of waiting on
+        async with store.leader_waiter(self.scope, leader) as waiter:
+            if waiter.notified_by_database and not await store.mark_waiting(
+                self.scope, leader, self._now()
+            ):
+                return await self._leader_seen(leader)  # no live lease any more
+            while (remaining := deadline - loop.time()) > 0:
+                await waiter.wait(min(self.poll_interval, remaining))
+                now = self._now()
+                seen, in_flight = await store.leader_status(
+                    self.scope, leader, now, now - self.seen_expiration
+                )
+                if seen:
+                    return True
+                if not in_flight:
+                    return False  # its holder gave up or died: park instead of waiting on
         self._log(
             event, "timed out waiting for its in-flight leader %s, will treat as lost", leader
         )
         return False
+
+    async def _leader_seen(self, leader: UUID) -> bool:
+        now = self._now()
+        seen, _ = await self.store.leader_status(
+            self.scope, leader, now, now - self.seen_expiration
+        )
+        return seen
 
     # -- the consumer's entry point -------------------------------------------------
 

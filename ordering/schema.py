@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Uuid,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
@@ -92,6 +94,8 @@ processing_leases = Table(
     Column("owner", String(200), nullable=False),
     Column("acquired_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
+    # Set by a follower waiting for this event in flight: completion then NOTIFYs.
+    Column("has_waiters", Boolean, nullable=False, server_default=false()),
     PrimaryKeyConstraint("scope", "event_id"),
     Index(None, "expires_at"),
 )

@@ -304,3 +304,41 @@ async def test_the_lease_is_held_only_inside(ordering: Ordering, clock: MutableC
         assert not await ordering.event_has_been_seen(event)
     assert not await ordering.event_has_started_processing(event)
     assert await ordering.event_has_been_seen(event)
+
+
+async def test_postgres_wakes_a_waiting_follower_without_polling(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    """On PostgreSQL the leader's completion notifies the follower waiting on it, so a
+    follower with a 30-second poll interval still goes on at once; SQLite polls."""
+    postgres = db_url.startswith("postgresql")
+    ordering = CausalOrdering(
+        scope,
+        url=db_url,
+        clock=clock,
+        poll_interval=30.0 if postgres else 0.05,
+        in_flight_event_timeout=timedelta(seconds=60),
+    )
+    leader = make_event(clock, name="leader")
+    follower = make_event(clock, name="follower", follows=leader.id)
+    consumer = Consumer(ordering)
+    leader_inside = asyncio.Event()
+    leader_may_finish = asyncio.Event()
+
+    async def slow_leader() -> None:
+        async with ordering.preceding_event_confirmed(consumer.handler, leader):
+            leader_inside.set()
+            await leader_may_finish.wait()
+            consumer.handled.append(leader)
+
+    task = asyncio.create_task(slow_leader())
+    await leader_inside.wait()
+    follower_task = asyncio.create_task(consumer.consume(follower))
+    await asyncio.sleep(0.2)  # the follower is waiting (and, on PostgreSQL, has marked the lease)
+    assert not follower_task.done()
+    leader_may_finish.set()
+    await task
+    async with asyncio.timeout(10):  # far below the 30-second poll: it was woken
+        assert await follower_task is True
+    assert consumer.names == ["leader", "follower"]
+    await ordering.clear()

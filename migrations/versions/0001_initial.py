@@ -1,8 +1,9 @@
 """The store: seen events, processing leases, waiting followers.
 
-On PostgreSQL two functions complete a leader and park a follower, each in one round
-trip; both take the same transaction-level advisory lock on the leader, which is what
-keeps a follower from being stranded (see ordering/store.py).
+On PostgreSQL three functions begin an event, complete a leader and park a follower,
+each in one round trip.  Completing and parking take the same transaction-level
+advisory lock on the leader, which is what keeps a follower from being stranded (see
+ordering/store.py).
 
 Revision ID: 0001
 Revises:
@@ -23,12 +24,47 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+BEGIN_EVENT = """
+CREATE FUNCTION ordering_begin_event(
+    p_scope text, p_event_id uuid, p_follows uuid, p_owner text, p_now timestamptz,
+    p_expires_at timestamptz, p_seen_after timestamptz
+) RETURNS TABLE (leader_seen boolean, leader_in_flight boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- A lease lost in a database crash costs nothing (its holder's connection is
+    -- gone too, and the lease would only have expired), so its commit skips the WAL
+    -- flush.  Completion, which marks the event seen, stays durable.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+    WITH taken AS (
+        INSERT INTO ordering_processing_leases AS l
+            (scope, event_id, owner, acquired_at, expires_at)
+        VALUES (p_scope, p_event_id, p_owner, p_now, p_expires_at)
+        ON CONFLICT (scope, event_id) DO UPDATE
+            SET owner = excluded.owner, acquired_at = excluded.acquired_at,
+                expires_at = excluded.expires_at, has_waiters = false
+            WHERE l.expires_at <= excluded.acquired_at OR l.owner = excluded.owner
+        RETURNING 1
+    )
+    SELECT
+        EXISTS (SELECT 1 FROM ordering_seen_events s
+                WHERE s.scope = p_scope AND s.event_id = p_follows
+                  AND s.seen_at > p_seen_after),
+        EXISTS (SELECT 1 FROM ordering_processing_leases p
+                WHERE p.scope = p_scope AND p.event_id = p_follows AND p.expires_at > p_now)
+    FROM taken;
+END
+$$
+"""
+
 PARK_FOLLOWER = """
 CREATE FUNCTION ordering_park_follower(
     p_scope text, p_event_id uuid, p_leader_id uuid, p_occurred timestamptz,
     p_received timestamptz, p_event jsonb, p_owner text, p_seen_after timestamptz
 ) RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    waited boolean;
 BEGIN
     -- The leader's completion takes the same lock.  Each statement below runs with
     -- a fresh snapshot, so it sees a completion that committed while we waited.
@@ -44,9 +80,13 @@ BEGIN
     VALUES (p_scope, p_event_id, p_leader_id, p_occurred, p_received, p_event)
     ON CONFLICT (scope, follower_id) DO NOTHING;
     -- Give up our own lease in the same transaction, so the leader can take the
-    -- follower over the moment it sees the row.
+    -- follower over the moment it sees the row; wake anyone who waited on it.
     DELETE FROM ordering_processing_leases l
-    WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner;
+    WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner
+    RETURNING l.has_waiters INTO waited;
+    IF waited THEN
+        PERFORM pg_notify('ordering_seen', p_scope || '/' || p_event_id::text);
+    END IF;
     RETURN true;
 END
 $$
@@ -63,13 +103,20 @@ CREATE FUNCTION ordering_complete_event(
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     claimed record;
+    waited boolean;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_scope || '/' || p_event_id::text, 0));
     INSERT INTO ordering_seen_events AS s (scope, event_id, seen_at)
     VALUES (p_scope, p_event_id, p_now)
     ON CONFLICT (scope, event_id) DO UPDATE SET seen_at = excluded.seen_at;
     DELETE FROM ordering_processing_leases l
-    WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner;
+    WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner
+    RETURNING l.has_waiters INTO waited;
+    -- Wake followers that wait for this event in flight (only they pay for NOTIFY,
+    -- which serializes committing transactions that use it).
+    IF waited THEN
+        PERFORM pg_notify('ordering_seen', p_scope || '/' || p_event_id::text);
+    END IF;
     DELETE FROM ordering_waiting_followers f
     WHERE f.scope = p_scope AND f.follower_id = p_event_id;
     IF p_claim_owner IS NULL THEN
@@ -126,6 +173,7 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(200), nullable=False),
         sa.Column("acquired_at", UTCDateTime(), nullable=False),
         sa.Column("expires_at", UTCDateTime(), nullable=False),
+        sa.Column("has_waiters", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.PrimaryKeyConstraint("scope", "event_id", name="pk_ordering_processing_leases"),
     )
     op.create_index(
@@ -166,12 +214,17 @@ def upgrade() -> None:
     )
 
     if op.get_context().dialect.name == "postgresql":
+        op.execute(BEGIN_EVENT)
         op.execute(PARK_FOLLOWER)
         op.execute(COMPLETE_EVENT)
 
 
 def downgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
+        op.execute(
+            "DROP FUNCTION ordering_begin_event"
+            "(text, uuid, uuid, text, timestamptz, timestamptz, timestamptz)"
+        )
         op.execute(
             "DROP FUNCTION ordering_complete_event"
             "(text, uuid, text, timestamptz, text, timestamptz)"
