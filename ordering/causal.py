@@ -80,6 +80,28 @@ _held: contextvars.ContextVar[Mapping[tuple[str, str, UUID], _Held]] = contextva
 _process_leases: dict[tuple[str, str, UUID], str] = {}
 
 
+_EVENT_FIELDS = frozenset({"id", "follows", "occurred", "received"})
+
+
+def _is_event_model(event_type: Any) -> bool:
+    return (
+        isinstance(event_type, type)
+        and issubclass(event_type, BaseModel)
+        and _EVENT_FIELDS.issubset(event_type.model_fields)
+    )
+
+
+def _follower_times(event: Any) -> tuple[datetime, datetime]:
+    """(occurred, received), refusing naive datetimes from models that allow them."""
+    for name in ("occurred", "received"):
+        value = getattr(event, name)
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError(
+                f"event {event.id}: {name} must be an aware UTC datetime, not {value!r}"
+            )
+    return event.occurred, event.received
+
+
 def _event_id(event: Any) -> UUID:
     return event if isinstance(event, UUID) else event.id
 
@@ -156,6 +178,11 @@ class CausalOrdering(Generic[E]):
             raise ValueError(f"max_depth must not be negative, not {max_depth}")
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive, not {poll_interval}")
+        if event_type is not None and not _is_event_model(event_type):
+            raise ValueError(
+                f"event_type must be a pydantic model with the fields {sorted(_EVENT_FIELDS)}, "
+                f"not {event_type!r}"
+            )
         self.scope = scope
         self.url = resolve_url(url)
         self.clock: Callable[[], datetime] = clock or utc_now
@@ -322,8 +349,7 @@ class CausalOrdering(Generic[E]):
             self.scope,
             event.id,  # type: ignore[attr-defined]
             leader,
-            event.occurred,  # type: ignore[attr-defined]
-            event.received,  # type: ignore[attr-defined]
+            *_follower_times(event),
             event.model_dump_json(),
         )
 
@@ -388,8 +414,7 @@ class CausalOrdering(Generic[E]):
             self.scope,
             event.id,
             leader,
-            event.occurred,
-            event.received,
+            *_follower_times(event),
             event.model_dump_json(),
             owner,
             now - self.seen_expiration,

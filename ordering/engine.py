@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import weakref
@@ -28,7 +29,13 @@ def resolve_url(url: str | None = None) -> str:
 
     Checked here, once, so that a typo fails with a message that names it.
     """
-    chosen = url or os.environ.get(URL_ENV) or DEFAULT_URL
+    return _checked_url(url or os.environ.get(URL_ENV) or DEFAULT_URL)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_url(chosen: str) -> str:
+    """Parsing a URL costs tens of microseconds: done once per distinct URL, since an
+    ordering may be constructed for every event."""
     try:
         parsed = make_url(chosen)
     except Exception as exc:  # sqlalchemy raises ArgumentError with a terse text

@@ -171,3 +171,16 @@ async def test_scopes_never_see_each_other(db_url: str, clock: MutableClock) -> 
     await CausalOrdering.clear_all_scopes()
     assert not await two.event_has_been_seen(leader)
     assert not await two.event_has_started_processing(follower)
+
+
+async def test_a_follower_with_naive_times_is_refused_and_not_stored(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    leader = make_event(clock)
+    valid = make_event(clock, follows=leader.id)
+    naive = ReceivedEvent.model_construct(
+        **{**dict(valid), "occurred": clock().replace(tzinfo=None)}
+    )
+    with pytest.raises(ValueError, match="occurred must be an aware UTC datetime"):
+        await ordering.record_follower(naive)
+    assert await ordering.get_followers(leader) == []

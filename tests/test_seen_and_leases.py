@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -201,3 +202,27 @@ async def test_a_slow_body_keeps_its_lease_alive(db_url: str, scope: str) -> Non
         assert not await other.record_event_as_processing(event)
     assert await other.event_has_been_seen(event)
     await holder.clear()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"scope": ""}, "scope"),
+        ({"scope": "x" * 201}, "scope"),
+        ({"scope": "s", "url": "mysql://nope"}, "unsupported database URL"),
+        ({"scope": "s", "url": "sqlite+aiosqlite://"}, "in-memory SQLite"),
+        ({"scope": "s", "url": "::not a url::"}, "not a database URL"),
+        ({"scope": "s", "lease_duration": timedelta(0)}, "lease_duration"),
+        ({"scope": "s", "poll_interval": 0}, "poll_interval"),
+        ({"scope": "s", "event_type": dict}, "event_type"),
+    ],
+)
+def test_bad_configuration_is_refused_with_a_clear_error(kwargs: Any, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        CausalOrdering(**kwargs)
+
+
+async def test_a_naive_clock_is_refused(db_url: str, scope: str) -> None:
+    ordering = CausalOrdering(scope, url=db_url, clock=lambda: datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="naive"):
+        await ordering.event_has_been_seen(uuid4())
