@@ -1,26 +1,247 @@
-"""The `ordering` command line."""
+"""The `ordering` command line: parsing and printing; the database work is in admin.py.
+
+Every command takes ``--url`` (default: $ORDERING_DATABASE_URL, else the embedded
+SQLite file).  Errors are one line on stderr and exit status 1; ``--debug`` shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
+import json
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO, TypeVar
+from uuid import UUID
 
-from . import migrate
-from .engine import URL_ENV, resolve_url, safe_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from . import admin, migrate
+from .causal import dispose_engines
+from .constants import PRECEDING_EVENT_LOOKBACK, SEEN_EXPIRATION
+from .engine import DEFAULT_URL, URL_ENV, resolve_url, safe_url
 from .exceptions import OrderingError
+from .models import ReceivedEvent, utc_now
+from .progress import Progress, size
 
 Command = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
+
+#: Exit status of `ordering check` when the schema is not at the head, and of any
+#: command that fails; argparse uses 2 for a bad command line.
+EXIT_FAILURE = 1
 
 
-def _add_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        default=None,
-        help=f"database URL (default: ${URL_ENV}, else sqlite+aiosqlite:///ordering.db)",
-    )
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run one command's coroutine, then close the pools it opened."""
+
+    async def run() -> T:
+        try:
+            return await coroutine
+        finally:
+            await dispose_engines()
+
+    return asyncio.run(run())
+
+
+# -- argument types -----------------------------------------------------------------
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no timezone: add Z or +00:00")
+    return moment.astimezone(UTC)
+
+
+def _uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an event id (a UUID): {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _minutes(text: str) -> timedelta:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, not {text!r}")
+    return timedelta(minutes=value)
+
+
+# -- formatting ---------------------------------------------------------------------
+
+
+def _age(delta: timedelta) -> str:
+    """45s, 3m 05s, 2h 03m, 3d 04h: enough precision to act on."""
+    seconds = int(delta.total_seconds())
+    if seconds < 0:
+        return f"in {_age(-delta)}"
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
+
+
+def _time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True)
+class Column:
+    group: str
+    header: str
+    right: bool = False
+
+
+def format_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> str:
+    """Columns under optional group headings, numbers right-aligned, two spaces apart."""
+    widths = [max([len(c.header), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
+    # Widen a group's last column when its heading is wider than its columns.
+    spans: list[tuple[str, int, int]] = []  # (group, first, last)
+    for i, c in enumerate(columns):
+        if spans and spans[-1][0] == c.group:
+            spans[-1] = (c.group, spans[-1][1], i)
+        else:
+            spans.append((c.group, i, i))
+    for group, first, last in spans:
+        span = sum(widths[first : last + 1]) + 2 * (last - first)
+        if len(group) > span:
+            widths[last] += len(group) - span
+
+    def line(cells: Sequence[str], align: Sequence[bool]) -> str:
+        parts = [
+            cell.rjust(w) if right else cell.ljust(w)
+            for cell, w, right in zip(cells, widths, align, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = []
+    if any(c.group for c in columns):
+        heading = []
+        for group, first, last in spans:
+            span = sum(widths[first : last + 1]) + 2 * (last - first)
+            heading.append(group.ljust(span))
+        out.append("  ".join(heading).rstrip())
+    out.append(line([c.header for c in columns], [c.right for c in columns]))
+    out.extend(line(row, [c.right for c in columns]) for row in rows)
+    return "\n".join(out)
+
+
+STATUS_COLUMNS = (
+    Column("", "scope"),
+    Column("seen events", "live", right=True),
+    Column("seen events", "expired", right=True),
+    Column("leases", "live", right=True),
+    Column("leases", "expired", right=True),
+    Column("waiting followers", "unclaimed", right=True),
+    Column("waiting followers", "claimed", right=True),
+    Column("waiting followers", "claim expired", right=True),
+    Column("waiting followers", "past lookback", right=True),
+    Column("oldest waiting follower", "age", right=True),
+    Column("oldest waiting follower", "waits for leader"),
+)
+
+
+def format_status(scopes: Sequence[admin.ScopeStatus]) -> str:
+    rows = []
+    for s in scopes:
+        oldest = s.oldest_waiting
+        rows.append(
+            [
+                s.scope,
+                *(
+                    str(n)
+                    for n in (
+                        s.seen_live,
+                        s.seen_expired,
+                        s.leases_live,
+                        s.leases_expired,
+                        s.waiting_unclaimed,
+                        s.waiting_claimed,
+                        s.waiting_claim_expired,
+                        s.waiting_past_lookback,
+                    )
+                ),
+                "-" if oldest is None else _age(oldest.age),
+                "-" if oldest is None else str(oldest.leader_id),
+            ]
+        )
+    return format_table(STATUS_COLUMNS, rows)
+
+
+FOLLOWER_COLUMNS = (
+    Column("", "scope"),
+    Column("", "occurred"),
+    Column("", "event"),
+    Column("", "follower id"),
+    Column("", "waits for leader"),
+    Column("", "waiting", right=True),
+    Column("", "state"),
+)
+
+
+def format_followers(followers: Sequence[admin.WaitingFollower], now: datetime) -> str:
+    rows = []
+    for f in followers:
+        state = f.state(now)
+        if f.is_lost(now):
+            state += ", lost (get_lost_followers would hand it out)"
+        if f.claimed_by is not None and f.claimed_until is not None:
+            state += f" by {f.claimed_by} until {_time(f.claimed_until)}"
+        rows.append(
+            [
+                f.scope,
+                _time(f.occurred),
+                f.event_name or "?",
+                str(f.follower_id),
+                str(f.leader_id),
+                _age(now - f.received),
+                state,
+            ]
+        )
+    return format_table(FOLLOWER_COLUMNS, rows)
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# -- commands -----------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -36,12 +257,211 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    state = _run(admin.schema_state(args.url))
+    if state.at_head:
+        print(state.describe())
+        return 0
+    _note(f"ordering check: {state.describe()}")
+    return EXIT_FAILURE
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     url = resolve_url(args.url)
     migrate.upgrade(url)  # the demo's database is the user's scratch store: bring it to head
     return asyncio.run(run_demo(url, seed=args.seed))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    now = args.now or utc_now()
+    url = resolve_url(args.url)
+    scopes = _run(admin.status(url, scope=args.scope, now=now))
+    if args.json:
+        _print_json(
+            {"url": safe_url(url), "now": now.isoformat(), "scopes": [s.to_json() for s in scopes]}
+        )
+        return 0
+    print(f"ordering status of {safe_url(url)} at {_time(now)} UTC")
+    if not scopes:
+        print("(no scope holds any rows)")
+        return 0
+    print()
+    print(format_status(scopes))
+    print(
+        f"\nSeen events count as seen for {_minutes_of(SEEN_EXPIRATION)} minutes. Followers "
+        f"past the {_minutes_of(PRECEDING_EVENT_LOOKBACK)}-minute lookback, and claims that\n"
+        "expired, are what get_lost_followers() hands out next."
+    )
+    return 0
+
+
+def cmd_followers(args: argparse.Namespace) -> int:
+    now = args.now or utc_now()
+    followers = _run(
+        admin.list_followers(
+            args.url,
+            scope=args.scope,
+            leader=args.leader,
+            lost=args.lost,
+            now=now,
+            limit=args.limit,
+        )
+    )
+    if args.json:
+        _print_json([f.to_json(now) for f in followers])
+        return 0
+    if not followers:
+        print("no waiting followers" + (" past the lookback" if args.lost else ""))
+        return 0
+    print(format_followers(followers, now))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    now = args.now or utc_now()
+    with Progress(0, "pruning") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done)
+
+        result = _run(
+            admin.prune(
+                args.url,
+                scope=args.scope,
+                now=now,
+                seen_expiration=args.seen_expiration,
+                batch_size=args.batch_size,
+                dry_run=args.dry_run,
+                progress=progress if bar.enabled else None,
+            )
+        )
+    verb = "would delete" if result.dry_run else "deleted"
+    print(
+        f"{verb} {_plural(result.seen_events, 'seen event')} and "
+        f"{_plural(result.leases, 'expired lease')}"
+        + (f" in scope {args.scope!r}" if args.scope else "")
+    )
+    return 0
+
+
+def _numbered_lines(source: BinaryIO, bar: Progress | None = None) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(source, start=1):
+        if bar is not None:
+            bar.advance(len(raw))
+        yield number, raw
+
+
+def _open_events(path: str) -> tuple[BinaryIO, int]:
+    """The events file (``-`` for stdin, read whole so it can be checked first) and its size."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        return io.BytesIO(data), len(data)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no such events file: {path}")
+    return file.open("rb"), file.stat().st_size
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    source, total = _open_events(args.events)
+    with ExitStack() as stack:
+        stack.enter_context(source)
+        if args.strict:
+            with Progress(total, "checking", fmt=size) as checking:
+                problems = admin.check_lines(_numbered_lines(source, checking))
+            if problems:
+                shown = problems[:20]
+                for bad in shown:
+                    _note(f"ordering replay: {bad}")
+                more = len(problems) - len(shown)
+                _note(
+                    f"ordering replay: {_plural(len(problems), 'bad line')}"
+                    + (f" ({more} more not shown)" if more else "")
+                    + "; nothing was replayed (--strict)"
+                )
+                return EXIT_FAILURE
+            source.seek(0)
+        _run(admin.open_store(args.url))  # a database that is not ready fails before --out is made
+        out: TextIO = (
+            stack.enter_context(open(args.out, "w", encoding="utf-8")) if args.out else sys.stdout
+        )
+
+        def write(event: ReceivedEvent) -> None:
+            # Flushed before the store marks the event seen: an event is never marked
+            # handled while its line still sits in a buffer.
+            out.write(event.model_dump_json() + "\n")
+            out.flush()
+
+        def report_problem(found: admin.LineProblem) -> None:
+            bar.close()
+            _note(f"ordering replay: {found}, skipped")
+
+        bar = stack.enter_context(Progress(total, "replaying", fmt=size))
+        report = _run(
+            admin.replay(
+                _numbered_lines(source, bar),
+                write,
+                url=args.url,
+                scope=args.scope,
+                flush_lost=args.flush_lost,
+                on_problem=report_problem,
+            )
+        )
+    _note(_replay_summary(report, args.flush_lost))
+    return 0
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _replay_summary(report: admin.ReplayReport, flushed: bool) -> str:
+    parts = [
+        f"{report.written} written in causal order",
+        f"{report.parked} parked on arrival to wait for their leader",
+    ]
+    if report.already_seen:
+        parts.append(f"{report.already_seen} already seen (skipped)")
+    if report.bad:
+        parts.append(f"{_plural(report.bad, 'bad line')} skipped")
+    if report.busy:
+        parts.append(f"{report.busy} held by another worker (skipped)")
+    if flushed:
+        parts.append(f"{_plural(report.flushed, 'lost follower')} flushed")
+    summary = f"ordering replay: {_plural(report.lines, 'line')} read; " + ", ".join(parts)
+    if report.waiting:
+        summary += (
+            f"; {_plural(report.waiting, 'follower waits', 'followers wait')} in scope "
+            f"{report.scope!r} (a later run with their leaders, or --flush-lost, writes them)"
+        )
+    return summary
+
+
+# -- the parser ---------------------------------------------------------------------
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=None,
+        help=f"database URL (env: {URL_ENV}; default: {DEFAULT_URL})",
+    )
+    # Also accepted after the command; SUPPRESS keeps `ordering --debug CMD` working.
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks and debug logs",
+    )
+
+
+def _add_now(parser: argparse.ArgumentParser) -> None:
+    # For tests and investigations: judge expiry as of this time instead of the wall
+    # clock, as an ordering with clock= would.  Documented in docs/cli.md, not in --help.
+    parser.add_argument("--now", type=_aware_time, default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,17 +472,139 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = commands.add_parser(
+        "status",
+        help="what each scope holds: seen events, leases, waiting followers",
+        description="Per scope: seen events and leases (live and expired), waiting followers "
+        "(unclaimed, claimed, claim expired, past the lookback) and the oldest waiting "
+        "follower's age and the leader it waits for.",
+    )
+    _add_common(p)
+    p.add_argument("--scope", help="only this scope (default: every scope with rows)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    _add_now(p)
+    p.set_defaults(run=cmd_status)
+
+    p = commands.add_parser(
+        "followers",
+        help="list waiting followers in the order they occurred",
+        description="List the events that wait for their leader, in the order they occurred. "
+        "Reads only: nothing is handed out or changed.",
+    )
+    _add_common(p)
+    p.add_argument("--scope", help="only this scope (default: every scope)")
+    p.add_argument("--leader", type=_uuid, help="only followers of this leader event id")
+    p.add_argument(
+        "--lost",
+        action="store_true",
+        help="only those get_lost_followers() would hand out now "
+        "(past the 15-minute lookback, or their claim expired)",
+    )
+    p.add_argument("--limit", type=_positive_int, help="list at most N followers")
+    p.add_argument("--json", action="store_true", help="print JSON (with each event) for machines")
+    _add_now(p)
+    p.set_defaults(run=cmd_followers)
+
+    p = commands.add_parser(
+        "prune",
+        help="delete expired seen events and leases, in small batches",
+        description="Delete seen events older than the seen expiration and expired leases, "
+        "in batches that each run as one short transaction, so workers keep going. "
+        "Waiting followers are never pruned: get_lost_followers() hands them out.",
+    )
+    _add_common(p)
+    p.add_argument("--scope", help="only this scope (default: every scope)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=admin.DEFAULT_BATCH_SIZE,
+        help=f"rows per batch (default: {admin.DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--seen-expiration",
+        type=_minutes,
+        default=SEEN_EXPIRATION,
+        metavar="MINUTES",
+        help=f"keep seen events younger than this (default: {_minutes_of(SEEN_EXPIRATION)}, "
+        "ordering.SEEN_EXPIRATION; give the longest seen_expiration your orderings use)",
+    )
+    _add_now(p)
+    p.set_defaults(run=cmd_prune)
+
+    p = commands.add_parser(
+        "replay",
+        help="write a JSON-lines file of events in causal order, through the store",
+        description="Read events (one JSON ReceivedEvent a line, any order; Prefect's event "
+        "JSON works as-is) and write them as JSON lines in causal order. Events that "
+        "arrive before their leader wait in the database, so a later run with more lines "
+        "continues where this one left off. Each event is judged as of its own 'received' "
+        "time. Bad lines are reported with their number and skipped.",
+    )
+    p.add_argument("events", metavar="EVENTS.jsonl", help="the events file ('-' for stdin)")
+    _add_common(p)
+    p.add_argument(
+        "--scope",
+        default=admin.DEFAULT_REPLAY_SCOPE,
+        help=f"the scope to replay in; not one live workers use "
+        f"(default: {admin.DEFAULT_REPLAY_SCOPE})",
+    )
+    p.add_argument("--out", metavar="FILE", help="write events to FILE (default: stdout)")
+    p.add_argument(
+        "--flush-lost",
+        action="store_true",
+        help="at the end, write the followers whose leader never came "
+        "(moves the replay clock past the lookback)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="check every line first; on any bad line, fail without touching the store",
+    )
+    p.set_defaults(run=cmd_replay)
+
     p = commands.add_parser("migrate", help="bring the database schema up to date")
-    _add_url(p)
+    _add_common(p)
     p.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
     p.add_argument("--revision", default="head", help="target revision (default: head)")
     p.set_defaults(run=cmd_migrate)
 
+    p = commands.add_parser(
+        "check",
+        help="exit 0 if the schema is at the head, 1 if it needs `ordering migrate`",
+        description="For CI and deploy scripts: exit 0 when the database schema is at the "
+        "revision this code needs, else print one line naming `ordering migrate` and exit 1. "
+        "A SQLite file that does not exist is reported, not created.",
+    )
+    _add_common(p)
+    p.set_defaults(run=cmd_check)
+
     p = commands.add_parser("demo", help="feed a jumbled stream of events through the store")
-    _add_url(p)
+    _add_common(p)
     p.add_argument("--seed", type=int, default=7, help="random seed for the delivery order")
     p.set_defaults(run=cmd_demo)
     return parser
+
+
+def _minutes_of(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 60:g}"
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line that says what went wrong, without the driver's noise."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        text = f"{type(exc.orig).__name__}: {exc.orig}"
+    elif isinstance(exc, (OrderingError, ValueError, OSError)):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,17 +619,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except KeyboardInterrupt:
         return 130
-    except (OrderingError, ValueError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"ordering {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        # The reader went away (`ordering replay x | head`): stop quietly, and keep
+        # Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except Exception as exc:
         if args.debug:
             raise
-        print(
-            f"ordering {args.command}: error: {type(exc).__name__}: {exc} "
-            "(--debug shows the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        known = (OrderingError, SQLAlchemyError, OSError, ValueError)
+        hint = "" if isinstance(exc, known) else " (--debug shows the traceback)"
+        print(f"ordering {args.command}: error: {describe_error(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,452 @@
+"""The `ordering` command line on SQLite and PostgreSQL: replay, status and check through
+the installed console script in a subprocess, the rest through ``main()`` in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from ordering import SEEN_EXPIRATION, CausalOrdering, ReceivedEvent, SchemaError
+from ordering.causal import dispose_engines
+from ordering.cli import build_parser, main
+from ordering.migrate import upgrade
+from ordering.progress import Progress, size
+
+from .conftest import drop_postgres_database, fresh_postgres_database
+from .helpers import MutableClock, assert_causal, make_chain, make_event
+
+#: The console script pip installed beside this interpreter.
+CONSOLE_SCRIPT = Path(sys.executable).with_name("ordering")
+
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def ordering_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `ordering` executable, as a user's shell would."""
+    assert CONSOLE_SCRIPT.exists(), f"the console script is not installed at {CONSOLE_SCRIPT}"
+    base = {k: v for k, v in os.environ.items() if k != "ORDERING_DATABASE_URL"}
+    return subprocess.run(
+        [str(CONSOLE_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, **(env or {})},
+        check=False,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The failure is one line on stderr, with no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    url = fresh_postgres_database("ordering_cli")
+    yield url
+    drop_postgres_database(url)
+
+
+def write_events(path: Path, events: list[ReceivedEvent]) -> Path:
+    path.write_text("".join(e.model_dump_json() + "\n" for e in events))
+    return path
+
+
+def read_events(text: str) -> list[ReceivedEvent]:
+    return [ReceivedEvent.model_validate_json(line) for line in text.splitlines() if line]
+
+
+def jumbled_chains(seed: int = 3) -> tuple[list[ReceivedEvent], ReceivedEvent]:
+    """Three chains of four (followers mostly before leaders) and an orphan whose
+    leader never comes."""
+    clock = MutableClock(T0)
+    events = [e for c in range(3) for e in make_chain(clock, 4, name=f"chain{c}")]
+    orphan = make_event(clock, name="orphan", follows=uuid4())
+    random.Random(seed).shuffle(events)
+    return events, orphan
+
+
+def status_json(url: str, scope: str, now: datetime, *, console: bool = False) -> dict[str, Any]:
+    """``ordering status --json`` for one scope: in-process, or through the console script."""
+    argv = ["status", "--url", url, "--scope", scope, "--json", "--now", now.isoformat()]
+    if console:
+        result = ordering_cli(*argv)
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+    else:
+        capture = io.StringIO()
+        with contextlib.redirect_stdout(capture):
+            assert main(argv) == 0
+        out = capture.getvalue()
+    [found] = json.loads(out)["scopes"]
+    assert isinstance(found, dict)
+    return found
+
+
+# -- check --------------------------------------------------------------------------
+
+
+def test_check_exit_codes_for_ci(empty_url: str) -> None:
+    empty = one_line_error(ordering_cli("check", "--url", empty_url))
+    assert "no ordering schema" in empty or "does not exist" in empty
+    assert "`ordering migrate --url" in empty
+
+    upgrade(empty_url, "0001")
+    behind = one_line_error(ordering_cli("check", "--url", empty_url))
+    assert "is at revision 0001, behind the code's 0002" in behind
+    assert "`ordering migrate --url" in behind
+
+    upgrade(empty_url)
+    at_head = ordering_cli("check", env={"ORDERING_DATABASE_URL": empty_url})
+    assert at_head.returncode == 0, at_head.stderr
+    assert "is at revision 0002, the head" in at_head.stdout
+
+
+def test_check_does_not_create_a_missing_sqlite_file(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    line = one_line_error(ordering_cli("check", "--url", f"sqlite:///{missing}"))
+    assert f"{missing} does not exist" in line
+    assert not missing.exists()
+
+
+def test_python_dash_m_runs_the_same_command_line(db_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ordering", "check", "--url", db_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the head" in result.stdout
+
+
+# -- replay and status --------------------------------------------------------------
+
+
+def test_replay_continues_across_runs_and_status_counts_it(
+    db_url: str, scope: str, tmp_path: Path
+) -> None:
+    events, orphan = jumbled_chains()
+    first_half, second_half = events[:6], events[6:]
+    part1 = write_events(tmp_path / "part1.jsonl", [*first_half, orphan])
+    part2 = write_events(tmp_path / "part2.jsonl", second_half)
+    try:
+        run1 = ordering_cli("replay", str(part1), "--url", db_url, "--scope", scope)
+        assert run1.returncode == 0, run1.stderr
+        after_run1 = status_json(db_url, scope, T0 + timedelta(minutes=1))
+        assert after_run1["waiting"]["unclaimed"] > 1  # parked, waiting for run 2
+
+        run2 = ordering_cli("replay", str(part2), "--url", db_url, "--scope", scope)
+        assert run2.returncode == 0, run2.stderr
+        written = read_events(run1.stdout) + read_events(run2.stdout)
+        assert_causal(written, events)  # all twelve, each after its leader, once
+
+        # Replay time is the events' own: one minute after them, all twelve are live.
+        found = status_json(db_url, scope, T0 + timedelta(minutes=1), console=True)
+        assert found["seen"] == {"live": 12, "expired": 0}
+        assert found["leases"] == {"live": 0, "expired": 0}
+        assert found["waiting"] == {
+            "unclaimed": 1,
+            "claimed": 0,
+            "claim_expired": 0,
+            "past_lookback": 0,
+            "lost": 0,
+        }
+        assert found["oldest_waiting"]["follower_id"] == str(orphan.id)
+        assert found["oldest_waiting"]["leader_id"] == str(orphan.follows)
+        assert found["oldest_waiting"]["age_seconds"] == 60.0
+        later = status_json(db_url, scope, T0 + SEEN_EXPIRATION + timedelta(minutes=1))
+        assert later["seen"] == {"live": 0, "expired": 12}
+        assert later["waiting"]["past_lookback"] == 1
+        assert "1 follower waits" in run2.stderr
+    finally:
+        _clear(db_url, scope)
+
+
+def test_replay_skips_bad_lines_or_fails_strictly_without_touching_the_store(
+    db_url: str, scope: str, tmp_path: Path
+) -> None:
+    clock = MutableClock(T0)
+    chain = make_chain(clock, 3)
+    naive = json.loads(chain[2].model_dump_json())
+    naive["occurred"] = "2026-01-05T09:00:00"
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                chain[1].model_dump_json(),
+                "{not json",
+                chain[0].model_dump_json(),
+                json.dumps({"event": "no.id"}),
+                json.dumps(naive),
+                "",
+            ]
+        )
+    )
+    out = tmp_path / "ordered.jsonl"
+    try:
+        strict = ordering_cli(
+            "replay", str(path), "--url", db_url, "--scope", scope, "--strict", "--out", str(out)
+        )
+        assert strict.returncode == 1
+        assert "Traceback" not in strict.stderr
+        assert "line 2: invalid JSON" in strict.stderr
+        assert "line 4: missing fields 'id', 'occurred', 'received', 'resource'" in strict.stderr
+        assert "line 5: occurred: naive datetime" in strict.stderr
+        assert "nothing was replayed (--strict)" in strict.stderr
+        assert not out.exists()
+        untouched = status_json(db_url, scope, T0)
+        assert untouched["seen"]["live"] == untouched["waiting"]["unclaimed"] == 0
+
+        lenient = ordering_cli(
+            "replay", str(path), "--url", db_url, "--scope", scope, "--out", str(out)
+        )
+        assert lenient.returncode == 0, lenient.stderr
+        assert lenient.stdout == ""
+        for number in (2, 4, 5):
+            assert f"line {number}: " in lenient.stderr
+        assert "3 bad lines skipped" in lenient.stderr
+        assert [e.id for e in read_events(out.read_text())] == [chain[0].id, chain[1].id]
+    finally:
+        _clear(db_url, scope)
+
+
+def test_replay_flush_lost_writes_what_still_waits(
+    db_url: str, scope: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = MutableClock(T0)
+    orphan = make_event(clock, name="orphan", follows=uuid4())
+    child = make_event(clock, name="child", follows=orphan.id, occurred=T0 + timedelta(seconds=1))
+    path = write_events(tmp_path / "orphans.jsonl", [child, orphan])
+    out = tmp_path / "out.jsonl"
+    try:
+        assert main(["replay", str(path), "--url", db_url, "--scope", scope]) == 0
+        assert capsys.readouterr().out == ""  # both wait
+        code = main(
+            ["replay", "-", "--url", db_url, "--scope", scope, "--flush-lost", "--out", str(out)]
+        )
+        assert code == 0
+        assert "2 lost followers flushed" in capsys.readouterr().err
+        assert [e.event for e in read_events(out.read_text())] == ["orphan", "child"]
+        found = status_json(db_url, scope, T0)
+        assert found["waiting"]["unclaimed"] == 0
+    finally:
+        _clear(db_url, scope)
+
+
+@pytest.fixture(autouse=True)
+def _empty_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ordering replay -` reads stdin; in-process tests give it nothing."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+
+
+def _clear(url: str, scope: str) -> None:
+    async def clear() -> None:
+        await CausalOrdering(scope, url=url).clear()
+        await dispose_engines()
+
+    asyncio.run(clear())
+
+
+# -- status, followers and prune, in-process ------------------------------------------
+
+
+def test_status_after_the_demo(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--url", db_url]) == 0
+    capsys.readouterr()
+    assert main(["status", "--url", db_url, "--scope", "demo", "--json"]) == 0
+    [demo] = json.loads(capsys.readouterr().out)["scopes"]
+    assert demo["seen"] == {"live": 12, "expired": 0}
+    assert demo["leases"] == {"live": 0, "expired": 0}
+    assert demo["waiting"]["unclaimed"] == 1
+    assert demo["oldest_waiting"]["event"] == "orphan.step-2"
+
+    assert main(["status", "--url", db_url, "--scope", "demo"]) == 0
+    table = capsys.readouterr().out
+    assert "seen events" in table and "waiting followers" in table
+    [row] = [line for line in table.splitlines() if line.startswith("demo ")]
+    assert row.split()[1:9] == ["12", "0", "0", "0", "1", "0", "0", "0"]
+
+
+def test_followers_lists_filters_and_prints_json(
+    db_url: str, scope: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = MutableClock(T0)
+    leader = uuid4()
+    first = make_event(clock, name="first", follows=leader)
+    second = make_event(clock, name="second", follows=leader, occurred=T0 + timedelta(seconds=1))
+    other = make_event(clock, name="other", follows=uuid4(), occurred=T0 + timedelta(seconds=2))
+    path = write_events(tmp_path / "f.jsonl", [other, second, first])
+    try:
+        assert main(["replay", str(path), "--url", db_url, "--scope", scope]) == 0
+        capsys.readouterr()
+        base = ["followers", "--url", db_url, "--scope", scope]
+
+        assert main([*base, "--json", "--now", "2026-01-05T09:01:00Z"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [f["event_name"] for f in listed] == ["first", "second", "other"]
+        assert listed[0]["event"]["id"] == str(first.id)
+        assert listed[0]["waiting_seconds"] == 60.0
+
+        assert main([*base, "--leader", str(leader), "--json"]) == 0
+        assert [f["event_name"] for f in json.loads(capsys.readouterr().out)] == [
+            "first",
+            "second",
+        ]
+
+        assert main([*base, "--lost", "--now", "2026-01-05T09:01:00Z"]) == 0
+        assert capsys.readouterr().out.strip() == "no waiting followers past the lookback"
+        assert main([*base, "--lost", "--now", "2026-01-05T09:16:00Z"]) == 0
+        table = capsys.readouterr().out
+        assert table.count("lost (get_lost_followers would hand it out)") == 3
+        assert "first" in table and str(leader) in table
+    finally:
+        _clear(db_url, scope)
+
+
+def test_prune_deletes_only_expired_rows(
+    db_url: str, scope: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = MutableClock(T0)
+
+    async def seed() -> None:
+        ordering = CausalOrdering(scope, url=db_url, clock=clock)
+        await ordering.record_event_as_seen(make_event(clock))
+        await ordering.record_event_as_seen(make_event(clock))
+        assert await ordering.record_event_as_processing(make_event(clock))
+        clock.advance(SEEN_EXPIRATION)
+        await ordering.record_event_as_seen(make_event(clock))
+        await dispose_engines()
+
+    asyncio.run(seed())
+    now = (T0 + SEEN_EXPIRATION + timedelta(seconds=1)).isoformat()
+    base = ["prune", "--url", db_url, "--scope", scope, "--now", now]
+    try:
+        assert main([*base, "--dry-run"]) == 0
+        assert capsys.readouterr().out.strip() == (
+            f"would delete 2 seen events and 1 expired lease in scope {scope!r}"
+        )
+        assert main([*base, "--batch-size", "1"]) == 0
+        assert capsys.readouterr().out.strip() == (
+            f"deleted 2 seen events and 1 expired lease in scope {scope!r}"
+        )
+        assert main(["status", "--url", db_url, "--scope", scope, "--json", "--now", now]) == 0
+        [found] = json.loads(capsys.readouterr().out)["scopes"]
+        assert found["seen"] == {"live": 1, "expired": 0}
+        assert found["leases"] == {"live": 0, "expired": 0}
+    finally:
+        _clear(db_url, scope)
+
+
+# -- errors and help ----------------------------------------------------------------
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    assert main(["status", "--url", missing]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("ordering status: error: ")
+    assert "`ordering migrate --url" in err[0]
+
+    assert main(["followers", "--url", "mysql://nope"]) == 1
+    assert "unsupported database URL" in capsys.readouterr().err
+
+    assert main(["replay", str(tmp_path / "none.jsonl"), "--url", missing]) == 1
+    assert "no such events file" in capsys.readouterr().err
+
+    events = write_events(tmp_path / "events.jsonl", [make_event(MutableClock(T0))])
+    out = tmp_path / "out.jsonl"
+    assert main(["replay", str(events), "--url", missing, "--out", str(out)]) == 1
+    assert "`ordering migrate --url" in capsys.readouterr().err
+    assert not out.exists()  # nothing made before the database was found wanting
+
+    with pytest.raises(SchemaError):
+        main(["status", "--url", missing, "--debug"])
+    with pytest.raises(SchemaError):
+        main(["--debug", "status", "--url", missing])
+
+
+def test_bad_options_are_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (
+        ["prune", "--batch-size", "0"],
+        ["followers", "--leader", "not-a-uuid"],
+        ["status", "--now", "2026-01-05T09:00:00"],  # naive
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+    assert "has no timezone" in capsys.readouterr().err
+
+
+def test_every_command_names_the_url_environment_variable() -> None:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    choices: dict[str, Any] = subparsers.choices  # type: ignore[assignment]
+    assert set(choices) == {"status", "followers", "prune", "replay", "migrate", "check", "demo"}
+    for name, command in choices.items():
+        assert "ORDERING_DATABASE_URL" in command.format_help(), name
+        assert "--now" not in command.format_help()  # for tests: documented, not advertised
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///unused.db", "json_extract(f.event, '$.event')"),
+        ("postgresql://dba@db.invalid/app", "(f.event ->> 'event')"),
+    ],
+)
+def test_migrate_sql_prints_the_views_for_a_dba(
+    url: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--sql", "--url", url]) == 0
+    sql = capsys.readouterr().out
+    assert "CREATE VIEW ordering_waiting AS" in sql
+    assert expected in sql
+
+
+# -- the progress bar ---------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal() -> None:
+    terminal = Terminal()
+    with Progress(2048, "replaying", stream=terminal, fmt=size, min_interval=0) as bar:
+        bar.advance(1024)
+        assert bar.render() == f"replaying [{'#' * 15}{'.' * 15}]  50%  1.0 KiB/2.0 KiB"
+        bar.advance(1024)
+    drawn = terminal.getvalue()
+    assert "1.0 KiB/2.0 KiB" in drawn and "2.0 KiB/2.0 KiB" in drawn
+    assert drawn.endswith("\r\x1b[K")  # erased, leaving the line to the summary
+
+    piped = io.StringIO()
+    with Progress(10, "pruning", stream=piped) as bar:
+        bar.advance(10)
+    assert piped.getvalue() == ""
