@@ -415,7 +415,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else plural or word + 's'}"
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
 
 
 def _replay_summary(report: admin.ReplayReport, flushed: bool) -> str:
