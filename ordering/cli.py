@@ -399,7 +399,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             bar.close()
             _note(f"ordering replay: {found}, skipped")
 
-        bar = stack.enter_context(Progress(total, "replaying", fmt=size))
+        # Not when the events themselves go to the same terminal: the two would mix.
+        to_terminal = out is sys.stdout and sys.stdout.isatty()
+        bar = stack.enter_context(
+            Progress(total, "replaying", fmt=size, enabled=False if to_terminal else None)
+        )
         report = _run(
             admin.replay(
                 _numbered_lines(source, bar),
