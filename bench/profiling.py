@@ -21,11 +21,13 @@ import pstats
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 from sqlalchemy import text
 
 from ordering import CausalOrdering, ReceivedEvent
@@ -40,7 +42,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("waiting in epoll (DB / thread)", ("select.epoll",)),
     ("sqlalchemy (incl. its greenlet bridge)", ("/sqlalchemy/", "sqlalchemy.", "greenlet")),
     ("asyncpg", ("/asyncpg/", "asyncpg.")),
-    ("aiosqlite + sqlite3", ("/aiosqlite/", "sqlite3")),
+    ("sqlite3 (SQLite itself, C)", ("sqlite3.",)),
+    ("aiosqlite", ("/aiosqlite/",)),
     ("pydantic", ("/pydantic/", "pydantic_core", "pydantic")),
     ("ordering (the library)", ("/ordering/",)),
     ("bench harness", ("/bench/",)),
@@ -121,30 +124,49 @@ def _short(filename: str) -> str:
 # -- micro-measurements ------------------------------------------------------------
 
 
-async def _per_call_us(action: Callable[[], Awaitable[Any]], count: int) -> float:
-    for _ in range(min(100, count)):
-        await action()
-    started = time.perf_counter_ns()
-    for _ in range(count):
-        await action()
-    return (time.perf_counter_ns() - started) / count / 1000
+async def _compare(
+    actions: dict[str, Callable[[], Awaitable[Any]]], count: int, rounds: int = 10
+) -> dict[str, tuple[float, float]]:
+    """(wall µs, CPU µs) per call of each action.  The actions take turns in rounds and
+    each gets the median of its rounds, so that a burst of load hits all alike; CPU
+    time (this process, all threads) hardly changes with load at all."""
+    per_round = max(1, count // rounds)
+    for action in actions.values():
+        for _ in range(min(50, per_round)):
+            await action()
+    walls: dict[str, list[float]] = {label: [] for label in actions}
+    cpus: dict[str, list[float]] = {label: [] for label in actions}
+    for _ in range(rounds):
+        for label, action in actions.items():
+            cpu = time.process_time()
+            started = time.perf_counter()
+            for _ in range(per_round):
+                await action()
+            walls[label].append((time.perf_counter() - started) / per_round * 1e6)
+            cpus[label].append((time.process_time() - cpu) / per_round * 1e6)
+    return {label: (_median(walls[label]), _median(cpus[label])) for label in actions}
 
 
-async def micro(url: str, count: int = 2000) -> dict[str, float]:
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+async def micro(url: str, count: int = 2000) -> dict[str, tuple[float, float]]:
     ordering = CausalOrdering(f"bench-micro-{uuid.uuid4().hex[:8]}", url=url)
     store = ordering.store
     engine = store.engine
-    figures: dict[str, float] = {}
+    now = datetime.now(UTC)
+    leader = uuid.uuid4()
+    await store.leader_status(ordering.scope, leader, now, now)  # schema check, pool
+    select_one = text("SELECT 1")
+    actions: dict[str, Callable[[], Awaitable[Any]]] = {}
 
     async def checkout() -> None:
         connection = engine.connect()
         await connection.start()
         await connection.close()
 
-    figures["pool checkout + return (AsyncConnection start/close)"] = await _per_call_us(
-        checkout, count
-    )
-    select_one = text("SELECT 1")
+    actions["pool checkout + return (AsyncConnection start/close)"] = checkout
     async with engine.connect() as connection:
 
         async def sa_text() -> None:
@@ -159,83 +181,102 @@ async def micro(url: str, count: int = 2000) -> dict[str, float]:
             async def bare() -> None:
                 await raw.fetchval("SELECT 1")
 
-            bare_label = "SELECT 1, bare asyncpg fetchval"
+            actions["SELECT 1, bare asyncpg fetchval"] = bare
         else:
 
             async def bare() -> None:
                 await raw.execute_fetchall("SELECT 1")
 
-            bare_label = "SELECT 1, bare aiosqlite execute_fetchall (1 hop)"
-        figures[bare_label] = await _per_call_us(bare, count)
-        figures["SELECT 1, SQLAlchemy exec_driver_sql"] = await _per_call_us(sa_driver_sql, count)
-        figures["SELECT 1, SQLAlchemy execute(text())"] = await _per_call_us(sa_text, count)
-    now = datetime.now(UTC)
-    leader = uuid.uuid4()
+            actions["SELECT 1, bare aiosqlite execute_fetchall (1 hop)"] = bare
+        actions["SELECT 1, SQLAlchemy exec_driver_sql"] = sa_driver_sql
+        actions["SELECT 1, SQLAlchemy execute(text())"] = sa_text
 
-    async def leader_status() -> None:
-        await store.leader_status(ordering.scope, leader, now, now)
+        async def leader_status() -> None:
+            await store.leader_status(ordering.scope, leader, now, now)
 
-    figures["Store.leader_status (checkout + typed statement + return)"] = await _per_call_us(
-        leader_status, count
-    )
-    event = ReceivedEvent(
-        occurred=now,
-        event="bench.event",
-        resource={"prefect.resource.id": "bench.resource"},
-        follows=uuid.uuid4(),
-        received=now,
-    )
-    as_json = event.model_dump_json()
+        actions["Store.leader_status (one hot-path read, whole store path)"] = leader_status
+        event = ReceivedEvent(
+            occurred=now,
+            event="bench.event",
+            resource={"prefect.resource.id": "bench.resource"},
+            follows=uuid.uuid4(),
+            received=now,
+        )
+        as_json = event.model_dump_json()
 
-    async def parse() -> None:
-        ReceivedEvent.model_validate_json(as_json)
+        async def parse() -> None:
+            ReceivedEvent.model_validate_json(as_json)
 
-    async def dump() -> None:
-        event.model_dump_json()
+        async def dump() -> None:
+            event.model_dump_json()
 
-    async def loop_turn() -> None:
-        await asyncio.sleep(0)
+        async def construct() -> None:
+            CausalOrdering("bench-micro", url=url)
 
-    figures["pydantic ReceivedEvent.model_validate_json"] = await _per_call_us(parse, count)
-    figures["pydantic ReceivedEvent.model_dump_json"] = await _per_call_us(dump, count)
-    figures["CausalOrdering(scope) construction"] = await _per_call_us(
-        _async(lambda: CausalOrdering("bench-micro", url=url)), count
-    )
-    figures["asyncio.sleep(0) (one loop turn)"] = await _per_call_us(loop_turn, count)
-    return figures
+        async def loop_turn() -> None:
+            await asyncio.sleep(0)
 
-
-def _async(function: Callable[[], Any]) -> Callable[[], Awaitable[None]]:
-    async def call() -> None:
-        function()
-
-    return call
+        actions["pydantic ReceivedEvent.model_validate_json"] = parse
+        actions["pydantic ReceivedEvent.model_dump_json"] = dump
+        actions["CausalOrdering(scope) construction"] = construct
+        actions["asyncio.sleep(0) (one loop turn)"] = loop_turn
+        return await _compare(actions, count)
 
 
 # -- the report ----------------------------------------------------------------------
+
+
+@contextmanager
+def _profile_worker_thread(profiler: cProfile.Profile) -> Iterator[None]:
+    """Profile what aiosqlite's worker thread runs for the store (cProfile only sees the
+    thread that enables it, and on SQLite the statements run in that other thread)."""
+    original: Callable[..., Awaitable[Any]] = aiosqlite.Connection._execute
+
+    async def profiled(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await original(self, profiler.runcall, fn, *args, **kwargs)
+
+    setattr(aiosqlite.Connection, "_execute", profiled)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(aiosqlite.Connection, "_execute", original)  # noqa: B010
 
 
 async def _profile(
     url: str, dialect: str, workloads: Sequence[str], events: int, seed: int
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"workloads": {}, "micro_us": {}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
     try:
         await warm_up(url, seed)
         for workload in workloads:
-            plain = await run_workload(url, dialect, workload, events, seed)
+            plain = await run_workload(url, dialect, workload, events, seed, count=False)
             profiler = cProfile.Profile()
-            profiled = await run_workload(url, dialect, workload, events, seed, profiler=profiler)
+            worker = cProfile.Profile()
+            with _profile_worker_thread(worker) if dialect == "sqlite" else nullcontext():
+                profiled = await run_workload(
+                    url, dialect, workload, events, seed, profiler=profiler
+                )
             stats = pstats.Stats(profiler)
-            RESULTS.mkdir(parents=True, exist_ok=True)
             stats.dump_stats(RESULTS / f"profile-{dialect}-{workload}.pstats")
-            report["workloads"][workload] = {
+            entry: dict[str, Any] = {
                 "plain_us_per_event": plain.us_per_event,
+                "plain_client_cpu_us_per_event": plain.client_cpu_us_per_event,
+                "plain_server_cpu_us_per_event": plain.server_cpu_us_per_event,
                 "profiled_us_per_event": profiled.us_per_event,
                 "statements_per_event": plain.statements_per_event,
                 "by_category_us": breakdown(stats, profiled.events),
                 "key_functions_cumulative_us": key_functions(stats, profiled.events),
                 "top_own_time_us": top_functions(stats, profiled.events),
             }
+            if dialect == "sqlite":
+                thread_stats = pstats.Stats(worker)
+                thread_stats.dump_stats(RESULTS / f"profile-{dialect}-{workload}-thread.pstats")
+                entry["worker_thread_by_category_us"] = breakdown(thread_stats, profiled.events)
+                entry["worker_thread_top_own_time_us"] = top_functions(
+                    thread_stats, profiled.events, 10
+                )
+            report["workloads"][workload] = entry
         report["micro_us"] = await micro(url)
     finally:
         await dispose_engines()
@@ -249,46 +290,61 @@ def profile_dialect(
     return render(dialect, report), report
 
 
+def _category_rows(workloads: dict[str, Any], names: list[str], key: str) -> list[str]:
+    categories: list[str] = []
+    for name in names:
+        for category in workloads[name].get(key, {}):
+            if category not in categories:
+                categories.append(category)
+    return [
+        f"| {category} | "
+        + " | ".join(f"{workloads[n].get(key, {}).get(category, 0.0):,.1f}" for n in names)
+        + " |"
+        for category in categories
+    ]
+
+
+def _cells(values: list[Any], digits: int = 1) -> str:
+    return " | ".join("-" if v is None else f"{v:,.{digits}f}" for v in values)
+
+
 def render(dialect: str, report: dict[str, Any]) -> str:
     workloads = report["workloads"]
     names = list(workloads)
-    lines = [f"### profile ({dialect}): µs of Python per event, by library (own time)", ""]
-    header = ["where", *names]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|---|" + "---:|" * len(names))
+    head = ["| where | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines = [f"### profile ({dialect}): µs per event", "", *head]
     for label, key in (
-        ("plain run, µs/event", "plain_us_per_event"),
-        ("profiled run, µs/event", "profiled_us_per_event"),
+        ("plain run (no counting hooks): wall", "plain_us_per_event"),
+        ("plain run: client CPU (all threads)", "plain_client_cpu_us_per_event"),
+        ("plain run: PostgreSQL backend CPU", "plain_server_cpu_us_per_event"),
         ("statements/event", "statements_per_event"),
+        ("profiled run: wall", "profiled_us_per_event"),
     ):
-        lines.append(
-            f"| {label} | " + " | ".join(f"{workloads[n][key]:,.1f}" for n in names) + " |"
-        )
-    categories: list[str] = []
-    for name in names:
-        for category in workloads[name]["by_category_us"]:
-            if category not in categories:
-                categories.append(category)
-    for category in categories:
-        cells = [workloads[n]["by_category_us"].get(category, 0.0) for n in names]
-        lines.append(f"| {category} | " + " | ".join(f"{c:,.1f}" for c in cells) + " |")
+        lines.append(f"| {label} | {_cells([workloads[n][key] for n in names])} |")
+    lines.append("| **event loop thread, own time by library (profiled)** |" + " |" * len(names))
+    lines += _category_rows(workloads, names, "by_category_us")
+    if any("worker_thread_by_category_us" in workloads[n] for n in names):
+        lines.append("| **aiosqlite worker thread, own time (profiled)** |" + " |" * len(names))
+        lines += _category_rows(workloads, names, "worker_thread_by_category_us")
     lines += ["", "Cumulative µs per event (function and its callees, while running):", ""]
-    lines.append("| function | " + " | ".join(names) + " |")
-    lines.append("|---|" + "---:|" * len(names))
-    labels = [label for label, _, _ in KEY_FUNCTIONS]
-    for label in labels:
+    lines += ["| function | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label, _, _ in KEY_FUNCTIONS:
         cells = [workloads[n]["key_functions_cumulative_us"].get(label) for n in names]
         if any(cells):
-            lines.append(
-                f"| {label} | "
-                + " | ".join("-" if c is None else f"{c:,.1f}" for c in cells)
-                + " |"
-            )
-    first = names[0] if names else None
-    if first is not None:
-        lines += ["", f"Top own time ({first}), µs per event:", ""]
+            lines.append(f"| {label} | {_cells(cells)} |")
+    if names:
+        first = names[0]
+        lines += ["", f"Top own time ({first}, event loop thread), µs per event:", ""]
         lines += [f"- {us:7.1f}  {where}" for where, us in workloads[first]["top_own_time_us"]]
-    lines += ["", "Micro-measurements (no profiler), µs per call:", ""]
+        thread_top = workloads[first].get("worker_thread_top_own_time_us")
+        if thread_top:
+            lines += ["", f"Top own time ({first}, aiosqlite worker thread), µs per event:", ""]
+            lines += [f"- {us:7.1f}  {where}" for where, us in thread_top]
+    lines += [
+        "",
+        "Micro-measurements (no profiler; median of 10 interleaved rounds), µs per call:",
+        "",
+    ]
     lines += [f"- {us:8.1f}  {label}" for label, us in report["micro_us"].items()]
     lines.append("")
     return "\n".join(lines)

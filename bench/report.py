@@ -70,6 +70,7 @@ def markdown(results: BenchResults) -> str:
     if rows:
         lines += [*_table(WORKLOAD_HEADER, rows, right_from=2), ""]
     lines += _limits_section(results.dialects)
+    lines += _cpu_section([r for d in results.dialects for r in d.workloads])
     for dialect in results.dialects:
         lines += _construction_section(dialect)
         lines += _wakeup_section(dialect)
@@ -91,6 +92,7 @@ def _limits_section(dialects: list[DialectResults]) -> list[str]:
             _number(d.limits.insert_commit_us),
             _number(d.limits.insert_in_transaction_per_s),
             _number(d.limits.select1_p50_us),
+            " / ".join(_number(r["insert_commit_per_s"]) for r in d.limits.runs) or "-",
         ]
         for d in dialects
         if d.limits is not None
@@ -103,8 +105,43 @@ def _limits_section(dialects: list[DialectResults]) -> list[str]:
         "µs per INSERT+COMMIT",
         "BEGIN;INSERT;COMMIT/s",
         "SELECT 1 p50 µs",
+        "INSERT+COMMIT/s before / after the workloads",
     ]
     return [*_table(header, rows), ""]
+
+
+def _cpu_section(workloads: list[WorkloadResult]) -> list[str]:
+    rows = []
+    for w in workloads:
+        if w.client_cpu_us_per_event is None:
+            continue
+        server = w.server_cpu_us_per_event or 0.0
+        neither = w.us_per_event - w.client_cpu_us_per_event - server
+        rows.append(
+            [
+                f"{w.dialect}: {w.workload}",
+                _number(w.us_per_event),
+                _share(w.client_cpu_us_per_event, w.us_per_event),
+                _share(w.server_cpu_us_per_event, w.us_per_event),
+                _share(neither, w.us_per_event),
+            ]
+        )
+    if not rows:
+        return []
+    header = [
+        "where one event's time goes",
+        "wall µs",
+        "client CPU µs (all threads)",
+        "PostgreSQL backend CPU µs",
+        "neither: waiting µs",
+    ]
+    return [*_table(header, rows), ""]
+
+
+def _share(part: float | None, whole: float) -> str:
+    if part is None:
+        return "-"
+    return f"{part:,.0f} ({part / whole:.0%})"
 
 
 def _construction_section(dialect: DialectResults) -> list[str]:

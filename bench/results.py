@@ -30,6 +30,9 @@ class WorkloadResult:
     #: per-event cost divided by one single-row INSERT+COMMIT on the same database
     commit_ratio: float | None = None
     statements: dict[str, float] = field(default_factory=dict)
+    #: CPU of the bench process (every thread) and of the PostgreSQL backends, per event
+    client_cpu_us_per_event: float | None = None
+    server_cpu_us_per_event: float | None = None
 
     @classmethod
     def build(
@@ -83,6 +86,37 @@ class Limits:
     #: PostgreSQL only: BEGIN; INSERT; COMMIT (three round trips)
     insert_in_transaction_per_s: float | None = None
     server_version: str = ""
+    #: the separate measurements (before and after the workloads) this one averages
+    runs: list[dict[str, float | None]] = field(default_factory=list)
+
+    @classmethod
+    def average(cls, measured: list[Limits]) -> Limits:
+        """One figure from measurements taken before and after the workloads, so that
+        the ratio to the store's cost does not hinge on a moment's load."""
+        first = measured[0]
+        insert_us = sum(m.insert_commit_us for m in measured) / len(measured)
+        in_transaction = [m.insert_in_transaction_per_s for m in measured]
+        return cls(
+            dialect=first.dialect,
+            how=first.how,
+            insert_commit_per_s=1e6 / insert_us,
+            insert_commit_us=insert_us,
+            select1_p50_us=sum(m.select1_p50_us for m in measured) / len(measured),
+            insert_in_transaction_per_s=(
+                None
+                if None in in_transaction
+                else len(measured) / sum(1 / r for r in in_transaction if r)
+            ),
+            server_version=first.server_version,
+            runs=[
+                {
+                    "insert_commit_per_s": m.insert_commit_per_s,
+                    "insert_in_transaction_per_s": m.insert_in_transaction_per_s,
+                    "select1_p50_us": m.select1_p50_us,
+                }
+                for m in measured
+            ],
+        )
 
 
 @dataclass

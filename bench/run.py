@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib
 import logging
 import os
 import platform
@@ -27,7 +28,7 @@ from . import growth, profiling, reference, wakeup, workers
 from .databases import DatabaseUnavailable, admin_url, postgres_database, sqlite_database
 from .limits import postgres_limits, sqlite_limits
 from .report import markdown, write_json
-from .results import BenchResults, DialectResults
+from .results import BenchResults, DialectResults, Limits
 from .sql import PER_CALL, measure_construction, run_workload, warm_up
 from .workloads import WORKLOADS
 
@@ -124,9 +125,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip Prefect's in-memory ordering even when prefect is importable",
     )
     parser.add_argument(
+        "--prefect-python",
+        metavar="PYTHON",
+        help="take the Prefect reference rows from this interpreter (one with prefect "
+        "installed), e.g. /work/venv-prefect/bin/python",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also profile the workloads with cProfile and print where the time goes",
+    )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run this process's event loops on uvloop (when installed; the worker, "
+        "wake-up and prune processes keep asyncio's loop)",
     )
     parser.add_argument(
         "--quick",
@@ -147,6 +160,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.uvloop:
+        try:
+            uvloop = importlib.import_module("uvloop")
+        except ImportError:
+            print("error: --uvloop: uvloop is not installed in this environment", file=sys.stderr)
+            return 2
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     results = BenchResults(meta=_meta(args))
     try:
         for dialect in args.dialect:
@@ -162,10 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.no_reference:
         _progress("reference: Prefect's in-memory ordering")
-        reference_rows, note = asyncio.run(
-            reference.run_prefect_memory(args.workload, args.events, args.seed)
-        )
-        results.reference = reference_rows
+        if args.prefect_python:
+            rows, note = reference.run_elsewhere(
+                args.prefect_python, args.workload, args.events, args.seed
+            )
+        else:
+            rows, note = asyncio.run(
+                reference.run_prefect_memory(args.workload, args.events, args.seed)
+            )
+        results.reference = rows
         if note:
             results.notes.append(note)
     print(markdown(results))
@@ -202,11 +227,13 @@ def _bench_dialect(
 async def _measure(
     args: argparse.Namespace, results: DialectResults, url: str, directory: Path | None
 ) -> None:
-    try:
+    async def limits() -> Limits:
         if directory is not None:
-            results.limits = await sqlite_limits(directory, args.limit_samples)
-        else:
-            results.limits = await postgres_limits(url, args.limit_samples)
+            return await sqlite_limits(directory, args.limit_samples)
+        return await postgres_limits(url, args.limit_samples)
+
+    try:
+        before = await limits()
         await warm_up(url, args.seed)
         for workload in args.workload:
             _progress(f"{results.dialect}: {workload}")
@@ -221,6 +248,7 @@ async def _measure(
                 )
             )
         results.construction = await measure_construction(url, results.dialect, args.constructions)
+        results.limits = Limits.average([before, await limits()])
         for workload in results.workloads:
             workload.commit_ratio = workload.us_per_event / results.limits.insert_commit_us
     finally:
@@ -244,6 +272,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "git": _git_revision(),
         "python": platform.python_version(),
+        "event_loop": type(asyncio.get_event_loop_policy()).__module__,
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),

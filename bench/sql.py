@@ -7,6 +7,7 @@ import gc
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent
 
 from .counting import SqlCounter
+from .cpu import ServerCpu, process_cpu_s
 from .results import Construction, WorkloadResult
 from .workloads import WORKLOADS, Consumer, check_causal, deliver, make_specs, materialize
 
@@ -50,7 +52,10 @@ async def run_workload(
     per_call: bool = False,
     scope: str | None = None,
     profiler: cProfile.Profile | None = None,
+    count: bool = True,
 ) -> WorkloadResult:
+    """One workload on a fresh scope (or ``scope``); with ``count``, its statements are
+    counted through SQLAlchemy's hooks, which costs a few µs per statement."""
     specs = make_specs(workload, events, seed)
     scope = scope or new_scope(workload)
     ordering = CausalOrdering(scope, url=url)
@@ -60,18 +65,27 @@ async def run_workload(
     consumer = Consumer(ordering_for, EventArrivedEarly)
     models = materialize(specs, ReceivedEvent)
     counter = SqlCounter(ordering.store.engine)
-    with counter.attached():
+    server = ServerCpu(url) if dialect == "postgresql" else None
+    server_before = await server.snapshot() if server else {}
+    cpu_before = process_cpu_s()
+    with counter.attached() if count else nullcontext(counter):
         timing = await deliver(consumer, models, profiler)
+    client_cpu = process_cpu_s() - cpu_before
+    server_cpu = ServerCpu.spent(server_before, await server.snapshot()) if server else None
     check_causal(consumer.handled, specs)
-    return WorkloadResult.build(
+    result = WorkloadResult.build(
         "ordering",
         dialect,
         PER_CALL if per_call else workload,
         len(specs),
         timing,
         consumer.parked,
-        counter.counts,
+        counter.counts if count else None,
     )
+    result.client_cpu_us_per_event = client_cpu / result.events * 1e6
+    if server is not None and server.readable and server_cpu is not None:
+        result.server_cpu_us_per_event = server_cpu / result.events * 1e6
+    return result
 
 
 async def measure_construction(url: str, dialect: str, count: int) -> Construction:
