@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +85,16 @@ def statement_name(statement: str) -> str:
     return f"{head} {target.group(1)}" if target else head
 
 
+def _in_transaction(cursor: Any, info: dict[Any, Any]) -> bool:
+    """Whether a statement runs inside an explicit transaction.  A raw sqlite3 cursor
+    knows for sure (even after a ROLLBACK that was not sent as a statement); otherwise
+    the BEGIN and COMMIT statements seen on this connection tell."""
+    raw = getattr(cursor, "connection", None)
+    if isinstance(raw, sqlite3.Connection):
+        return raw.in_transaction
+    return bool(info.get(_IN_TRANSACTION, False))
+
+
 class SqlCounter:
     """Counts statements, transactions and connections of one engine while attached."""
 
@@ -116,7 +127,7 @@ class SqlCounter:
             counts.transactions += 1
         elif name in ("COMMIT", "ROLLBACK"):
             info[_IN_TRANSACTION] = False
-        elif not info.get(_IN_TRANSACTION, False):
+        elif not _in_transaction(cursor, info):
             counts.transactions += 1
 
     def _begin(self, conn: Connection) -> None:

@@ -251,6 +251,12 @@ async def _measure(
         results.limits = Limits.average([before, await limits()])
         for workload in results.workloads:
             workload.commit_ratio = workload.us_per_event / results.limits.insert_commit_us
+            if not workload.statements_per_event:
+                results.notes.append(
+                    f"{workload.workload}: no statement reached SQLAlchemy's cursor hooks; "
+                    "statements run on the driver directly must fire before_cursor_execute "
+                    "(when it has listeners) for the counts to mean anything"
+                )
     finally:
         await dispose_engines()
 
