@@ -85,6 +85,17 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(fixture))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with nothing in it, this test's alone (for migrations and the CLI)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    url = fresh_postgres_database("ordering_empty")
+    yield url
+    drop_postgres_database(url)
+
+
 @pytest.fixture
 def clock() -> MutableClock:
     return MutableClock(datetime(2026, 11, 28, 12, 0, tzinfo=UTC))

@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from ordering.cli import build_parser, main
 from ordering.migrate import upgrade
 from ordering.progress import Progress, size
 
-from .conftest import drop_postgres_database, fresh_postgres_database
 from .helpers import MutableClock, assert_causal, make_chain, make_event
 
 #: The console script pip installed beside this interpreter.
@@ -55,16 +53,6 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
-        return
-    url = fresh_postgres_database("ordering_cli")
-    yield url
-    drop_postgres_database(url)
 
 
 def write_events(path: Path, events: list[ReceivedEvent]) -> Path:

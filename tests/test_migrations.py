@@ -4,9 +4,8 @@ downgrade, so the shared session databases are no place for them)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
@@ -30,23 +29,10 @@ from ordering.migrate import (
 )
 from ordering.schema import SCHEMA_REVISION, VERSION_TABLE, metadata
 
-from .conftest import drop_postgres_database, fresh_postgres_database
-
 T = TypeVar("T")
 
 TABLES = {"ordering_seen_events", "ordering_processing_leases", "ordering_waiting_followers"}
 VIEWS = {"ordering_waiting", "ordering_stuck", "ordering_held_leases"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database with nothing in it, this test's alone."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
-        return
-    url = fresh_postgres_database("ordering_migrations")
-    yield url
-    drop_postgres_database(url)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -195,11 +195,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("scope", "follower_id", name="pk_ordering_waiting_followers"),
         sa.CheckConstraint(
             "(claimed_by IS NULL) = (claimed_until IS NULL)",
-            name="ck_ordering_waiting_followers_claim_has_owner_and_expiry",
+            name=op.f("ck_ordering_waiting_followers_claim_has_owner_and_expiry"),
         ),
         sa.CheckConstraint(
             "follower_id <> leader_id",
-            name="ck_ordering_waiting_followers_does_not_follow_itself",
+            name=op.f("ck_ordering_waiting_followers_does_not_follow_itself"),
         ),
     )
     op.create_index(
