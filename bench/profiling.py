@@ -342,9 +342,14 @@ def render(dialect: str, report: dict[str, Any]) -> str:
             lines += [f"- {us:7.1f}  {where}" for where, us in thread_top]
     lines += [
         "",
-        "Micro-measurements (no profiler; median of 10 interleaved rounds), µs per call:",
+        "Micro-measurements (no profiler; median of 10 interleaved rounds), per call:",
         "",
+        "| call | wall µs | client CPU µs |",
+        "|---|---:|---:|",
     ]
-    lines += [f"- {us:8.1f}  {label}" for label, us in report["micro_us"].items()]
+    lines += [
+        f"| {label} | {wall:,.1f} | {cpu:,.1f} |"
+        for label, (wall, cpu) in report["micro_us"].items()
+    ]
     lines.append("")
     return "\n".join(lines)

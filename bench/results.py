@@ -186,6 +186,8 @@ class DialectResults:
     #: ``--profile``: see bench/profiling.py
     profile: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: a section raised: its note says which, and the bench exits non-zero
+    failed: bool = False
 
 
 @dataclass

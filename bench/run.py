@@ -16,7 +16,8 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown(results))
     write_json(results, args.json)
     print(f"JSON written to {args.json}")
-    return 0
+    return 1 if any(d.failed for d in results.dialects) else 0
 
 
 def _bench_dialect(
@@ -204,23 +205,45 @@ def _bench_dialect(
 ) -> DialectResults:
     results = DialectResults(dialect=dialect, url=safe_url(url))
     asyncio.run(_measure(args, results, url, directory))
+    sections: list[tuple[str, Callable[[], None]]] = []
     if dialect == "postgresql" and args.wakeup_samples:
-        _progress("postgresql: follower wake-up latency")
-        results.wakeup = wakeup.measure(url, args.wakeup_samples, args.seed)
+
+        def measure_wakeup() -> None:
+            results.wakeup = wakeup.measure(url, args.wakeup_samples, args.seed)
+
+        sections.append(("follower wake-up latency", measure_wakeup))
     if dialect == "postgresql" and args.workers:
-        _progress(f"postgresql: 1 and {args.workers} worker processes")
-        results.workers = workers.measure(url, args.workers, args.events, args.seed)
+
+        def measure_workers() -> None:
+            results.workers = workers.measure(url, args.workers, args.events, args.seed)
+
+        sections.append((f"1 and {args.workers} worker processes", measure_workers))
     if args.size:
-        _progress(f"{dialect}: growth run with {args.size:,} rows")
-        empty_p50 = next((w.p50_ms for w in results.workloads if w.workload == "in-order"), None)
-        results.growth = growth.measure(
-            url, dialect, args.size, args.events, args.seed, empty_p50, results.notes
-        )
+
+        def measure_growth() -> None:
+            empty = next((w.p50_ms for w in results.workloads if w.workload == "in-order"), None)
+            results.growth = growth.measure(
+                url, dialect, args.size, args.events, args.seed, empty, results.notes
+            )
+
+        sections.append((f"growth run with {args.size:,} rows", measure_growth))
     if args.profile:
-        _progress(f"{dialect}: profiling")
-        _, results.profile = profiling.profile_dialect(
-            url, dialect, args.workload, args.events, args.seed
-        )
+
+        def measure_profile() -> None:
+            _, results.profile = profiling.profile_dialect(
+                url, dialect, args.workload, args.events, args.seed
+            )
+
+        sections.append(("profiling", measure_profile))
+    for name, section in sections:
+        _progress(f"{dialect}: {name}")
+        try:
+            section()
+        except Exception as exc:
+            # The other sections' figures are still worth having: report and go on.
+            traceback.print_exc()
+            results.notes.append(f"FAILED: {name}: {exc!r}")
+            results.failed = True
     return results
 
 
