@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -119,7 +120,9 @@ def _sqlite_value(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: the store only takes aware UTC datetimes")
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        if value.tzinfo is not UTC:
+            value = value.astimezone(UTC)
+        return value.isoformat(" ", "microseconds")[:26]
     return value
 
 
@@ -305,14 +308,26 @@ _TRANSIENT_TEXT = (
 )
 
 
+#: PostgreSQL errors that say the connection (or the server) went away, or that the
+#: statement lost a race and may simply be run again.
+_TRANSIENT_POSTGRES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # class 08, and "connection does not exist"
+    asyncpg.exceptions.AdminShutdownError,  # 57P01: terminated by an administrator
+    asyncpg.exceptions.CrashShutdownError,  # 57P02
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up or shutting down
+    asyncpg.exceptions.DeadlockDetectedError,  # 40P01: the other side went ahead
+    asyncpg.exceptions.SerializationError,  # 40001
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """A lost or refused connection, or a busy SQLite file: worth trying again."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, (ConnectionError, asyncio.TimeoutError)):
+    if isinstance(exc, (ConnectionError, asyncio.TimeoutError, *_TRANSIENT_POSTGRES)):
         return True
     message = str(exc).lower()
-    return isinstance(exc, (DBAPIError, OSError, sqlite3.Error)) and any(
+    return isinstance(exc, (DBAPIError, OSError, sqlite3.Error, asyncpg.InterfaceError)) and any(
         t in message for t in _TRANSIENT_TEXT
     )
 
@@ -322,7 +337,14 @@ def _is_missing_table(exc: BaseException) -> bool:
     return "no such table" in message or ("relation" in message and "does not exist" in message)
 
 
-_DATABASE_ERRORS = (DBAPIError, OSError, sqlite3.Error, asyncio.TimeoutError)
+_DATABASE_ERRORS = (
+    DBAPIError,
+    OSError,
+    sqlite3.Error,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 @dataclass(eq=False)
@@ -412,7 +434,7 @@ class Store:
                 result = await operation(held)
             except _DATABASE_ERRORS as exc:
                 if held is not None:
-                    await _close_quietly(held.connection)
+                    await _discard(held.connection)
                 if not is_transient(exc):
                     raise
                 sent = held is not None
@@ -439,7 +461,7 @@ class Store:
             except BaseException:
                 # Cancelled or failed mid-operation: the connection's state is unknown.
                 if held is not None:
-                    await _close_quietly(held.connection)
+                    await _discard(held.connection)
                 raise
             else:
                 await self._give_back(held)
@@ -458,8 +480,15 @@ class Store:
 
             async def run(held: _Connection) -> Rows:
                 sql, args = statement.for_postgres(params)
-                result = await held.connection.exec_driver_sql(sql, args)
-                return [tuple(row) for row in result.all()] if result.returns_rows else []
+                sync_connection = held.connection.sync_connection
+                announce = _announcer(sync_connection) if sync_connection is not None else None
+                after = announce(sql, args, None) if announce else None
+                # asyncpg directly, through its own prepared-statement cache: SQLAlchemy's
+                # execute path costs more client CPU than the round trip itself.
+                rows = await held.driver.fetch(sql, *args)
+                if after:
+                    after(None)
+                return [tuple(row) for row in rows]
 
             return await self._run(run, idempotent=idempotent)
         return await self._sqlite(lambda execute: execute(statement, params), idempotent=idempotent)
@@ -757,6 +786,15 @@ def _sqlite_execute(
         return rows
     finally:
         cursor.close()
+
+
+async def _discard(connection: AsyncConnection) -> None:
+    """Drop a connection whose state is unknown, so that the pool never hands it out."""
+    try:
+        await connection.invalidate()
+    except BaseException:
+        logger.debug("invalidating a broken connection failed", exc_info=True)
+    await _close_quietly(connection)
 
 
 async def _close_quietly(connection: AsyncConnection) -> None:
