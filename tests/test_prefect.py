@@ -58,7 +58,7 @@ import ordering
 from ordering import PRECEDING_EVENT_LOOKBACK, SchemaError
 from ordering import prefect as ordering_prefect
 from ordering.causal import _stores
-from ordering.engine import URL_ENV
+from ordering.engine import URL_ENV, resolve_url
 from ordering.migrate import current_revision, downgrade, head_revision, upgrade
 from ordering.models import utc_now
 
@@ -208,15 +208,25 @@ def _with_password(url: str) -> str:
     return make_url(url).set(password="pr3fect-s3cret").render_as_string(hide_password=False)
 
 
+@pytest.fixture
+def throwaway_url(empty_url: str) -> Iterator[str]:
+    """``empty_url``, taken off the list of databases that
+    ``CausalOrdering.clear_all_scopes()`` walks once the test is over: the database is
+    dropped (or has no schema), and later tests' calls would fail on it."""
+    yield empty_url
+    for url in (empty_url, _with_password(empty_url)):
+        _stores.urls_opened.discard(resolve_url(url))
+
+
 async def test_a_missing_schema_names_the_migrate_command_without_the_password(
-    empty_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    throwaway_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv(URL_ENV, raising=False)
     caplog.set_level(logging.DEBUG)
     with temporary_settings(
         updates={
             PREFECT_SERVER_EVENTS_CAUSAL_ORDERING: OUR_ORDERING,
-            PREFECT_API_DATABASE_CONNECTION_URL: _with_password(empty_url),
+            PREFECT_API_DATABASE_CONNECTION_URL: _with_password(throwaway_url),
         }
     ):
         built = get_triggers_causal_ordering()
@@ -451,8 +461,9 @@ async def _tables(url: str) -> set[str]:
 
 
 async def test_our_schema_lives_beside_prefects_in_prefects_database(
-    empty_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    throwaway_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    empty_url = throwaway_url
     env = _prefect_env(empty_url, tmp_path)
     prefect_cli = str(Path(sys.executable).with_name("prefect"))
     await asyncio.to_thread(_run, [prefect_cli, "server", "database", "upgrade", "-y"], env)
