@@ -1,0 +1,375 @@
+"""A worker process: the consumer loop a user would write, plus the final sweep.
+
+    python -m tests.fault.worker run --url URL --scope S --name w0 --queue Q --run-dir D
+    python -m tests.fault.worker sweep --url URL --scope S --name sweep --run-dir D \
+        --clock-offset-seconds 960
+
+The worker talks to the test through files in the run directory:
+
+* ``<name>.acks``: the id of every delivery it is done with (handled, already seen,
+  or parked because it arrived early), one per line, written as it goes; what a
+  killed worker had not acknowledged is redelivered to another worker, as a broker
+  would.
+* ``<name>.drained``: exists while its queue is empty.
+* ``<name>.blocked``: written by the handler of ``--block-on`` just before it hangs
+  (event id, depth, phase), so that the test can kill the worker at exactly that
+  point.
+* ``<name>.paused`` / ``<name>.resume``: with ``--pause-before-confirm``, the worker
+  stops after that event's seen check until the test writes ``<name>.resume``.
+* ``stop``: the test asks every worker to finish once its queue is empty.
+* ``<name>.result.json``: what the worker did, written when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import json
+import logging
+import os
+import sys
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ordering import (
+    CausalOrdering,
+    EventArrivedEarly,
+    EventBeingProcessed,
+    ReceivedEvent,
+)
+from ordering.causal import dispose_engines
+from ordering.engine import create_engine
+from ordering.models import utc_now
+
+from . import handled
+from .workload import read_queue
+
+logger = logging.getLogger("fault.worker")
+
+#: How often a running worker asks for lost followers (claims whose holder died).
+LOST_POLL_SECONDS = 1.0
+#: How long a worker waits before retrying an event that another worker holds.
+REQUEUE_SLEEP_SECONDS = 0.05
+#: How long a worker waits after an error before trying the event again.
+ERROR_SLEEP_SECONDS = 0.2
+IDLE_SLEEP_SECONDS = 0.1
+#: A bound on the final sweep's rounds, so that a bug cannot make it spin forever.
+SWEEP_ROUNDS = 10
+
+#: Where the handling in progress came from: a delivery, the lost-follower poll, or the
+#: final sweep.  The checker uses it to tell "re-handled while running" from "left
+#: until the lookback had passed".
+phase: contextvars.ContextVar[str] = contextvars.ContextVar("fault_phase", default="run")
+
+
+class RecordFailed(Exception):
+    """The handler could not write its own row (the database went away)."""
+
+
+class HandlerFailed(Exception):
+    """The user's code failed on this event (``--fail-once-on``)."""
+
+
+@dataclass
+class Stats:
+    """What one worker did; written to ``<name>.result.json``."""
+
+    deliveries: int = 0
+    recorded: int = 0
+    skipped_seen: int = 0
+    arrived_early: int = 0
+    being_processed: int = 0
+    lost_followers: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    error_samples: list[str] = field(default_factory=list)
+    #: Handler calls (attempt id -> event id) that failed after they may have written
+    #: their row, before the ordering marked the event seen: it will be handled again.
+    interrupted: dict[str, str] = field(default_factory=dict)
+
+    def error(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        self.errors[name] += 1
+        if self.errors[name] <= 3:  # a few of each kind
+            self.error_samples.append(f"{name}: {exc}"[:500])
+
+    def as_json(self) -> str:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        # A Counter is a dict to json, but asdict() would mangle it.
+        data["errors"] = dict(self.errors)
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+@dataclass
+class Faults:
+    """Where the test wants this worker to misbehave, each keyed by an event id."""
+
+    #: Hang in the handler, after writing the row, so that the test kills us there...
+    block_on: UUID | None = None
+    #: ... unless this many handlers (of any worker) already hang on it.
+    block_times: int = 1
+    #: Stop between the event's seen check and preceding_event_confirmed.
+    pause_before_confirm: UUID | None = None
+    #: Raise from the handler the first time it gets the event.
+    fail_once_on: UUID | None = None
+
+
+class Worker:
+    def __init__(
+        self,
+        ordering: CausalOrdering[ReceivedEvent],
+        engine: AsyncEngine,
+        name: str,
+        run_dir: Path,
+        faults: Faults | None = None,
+    ) -> None:
+        self.ordering = ordering
+        self.engine = engine
+        self.name = name
+        self.run_dir = run_dir
+        self.faults = faults or Faults()
+        self.stats = Stats()
+        self._acks = (run_dir / f"{name}.acks").open("a", buffering=1)
+
+    # -- the user's code ---------------------------------------------------------
+
+    async def handler(self, event: ReceivedEvent, depth: int = 0) -> None:
+        """The handler a user gives the ordering: it re-enters preceding_event_confirmed
+        for the followers it is handed, and its side effect is one durable row."""
+        attempt = uuid.uuid4().hex
+        try:
+            async with self.ordering.preceding_event_confirmed(self.handler, event, depth=depth):
+                await self.record(event, depth, attempt)
+        except BaseException as exc:
+            self._note_interruption(exc, event, attempt)
+            raise
+
+    async def consume(self, event: ReceivedEvent) -> bool:
+        """One delivery, as a user's consumer handles it; False: deliver it again later."""
+        self.stats.deliveries += 1
+        try:
+            if await self.ordering.event_has_been_seen(event):
+                self.stats.skipped_seen += 1
+                return True
+            if event.id == self.faults.pause_before_confirm:
+                await self._pause()
+            # The body at depth 0 is the handler's body: record the event.
+            await self.handler(event)
+        except EventArrivedEarly:
+            self.stats.arrived_early += 1  # parked: its leader will release it
+            return True
+        except EventBeingProcessed:
+            self.stats.being_processed += 1
+            await asyncio.sleep(REQUEUE_SLEEP_SECONDS)
+            return False
+        except Exception as exc:
+            # A user's consumer nacks the message; the broker delivers it again.
+            logger.warning("delivery of %s failed: %r", event.id, exc)
+            self.stats.error(exc)
+            await asyncio.sleep(ERROR_SLEEP_SECONDS)
+            return False
+        return True
+
+    async def handle_lost(self, pending: deque[ReceivedEvent]) -> None:
+        """Hand the followers the ordering gives up on to the handler (claims whose
+        holder died, or followers past the lookback)."""
+        try:
+            lost = await self.ordering.get_lost_followers()
+        except Exception as exc:
+            logger.warning("get_lost_followers failed: %r", exc)
+            self.stats.error(exc)
+            return
+        token = phase.set("lost" if phase.get() == "run" else phase.get())
+        try:
+            for follower in lost:
+                self.stats.lost_followers += 1
+                try:
+                    await self.handler(follower)
+                except EventArrivedEarly:
+                    self.stats.arrived_early += 1
+                except Exception as exc:
+                    # EventBeingProcessed included: deliver it to ourselves again.
+                    if not isinstance(exc, EventBeingProcessed):
+                        self.stats.error(exc)
+                    pending.append(follower)
+        finally:
+            phase.reset(token)
+
+    # -- the durable side effect -----------------------------------------------------
+
+    async def record(self, event: ReceivedEvent, depth: int, attempt: str) -> None:
+        if event.id == self.faults.fail_once_on:
+            self.faults.fail_once_on = None
+            raise HandlerFailed(f"the handler failed on {event.id} at depth {depth}")
+        try:
+            await handled.record(self.engine, event.id, attempt, self.name, depth, phase.get())
+        except Exception as exc:
+            raise RecordFailed(f"could not record {event.id}: {exc!r}") from exc
+        self.stats.recorded += 1
+        if event.id == self.faults.block_on:
+            await self._block(event, depth, attempt)
+
+    async def _block(self, event: ReceivedEvent, depth: int, attempt: str) -> None:
+        """Hang (holding whatever the ordering gave us) until the test kills us."""
+        if len(list(self.run_dir.glob("*.blocked"))) >= self.faults.block_times:
+            return
+        blocked = f"{event.id} {depth} {phase.get()} {attempt}\n"
+        (self.run_dir / f"{self.name}.blocked").write_text(blocked)
+        logger.warning("blocking in the handler of %s at depth %d", event.id, depth)
+        await asyncio.Event().wait()
+
+    async def _pause(self) -> None:
+        """Stop between the seen check and preceding_event_confirmed until the test
+        says go: the window in which another worker may complete the same event."""
+        (self.run_dir / f"{self.name}.paused").touch()
+        resume = self.run_dir / f"{self.name}.resume"
+        while not resume.exists():  # noqa: ASYNC110 (the signal is a file from the test)
+            await asyncio.sleep(0.02)
+
+    def _note_interruption(self, exc: BaseException, event: ReceivedEvent, attempt: str) -> None:
+        """Report a handler call that failed: its row, if it wrote one (even an INSERT
+        that raised may have committed), is not a completed handling.  A failure that a
+        follower's handler raised, after this event was completed, is the follower's."""
+        if isinstance(exc, (EventArrivedEarly, EventBeingProcessed)):
+            return  # raised before the body ran: no row
+        if getattr(exc, "_fault_raised_by", None) is None:
+            setattr(exc, "_fault_raised_by", event.id)  # noqa: B010
+            logger.warning("handling %s failed: %r", event.id, exc)
+            self.stats.interrupted[attempt] = str(event.id)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def ack(self, event: ReceivedEvent) -> None:
+        self._acks.write(f"{event.id}\n")
+
+    async def run(self, queue: list[ReceivedEvent]) -> None:
+        loop = asyncio.get_running_loop()
+        pending = deque(queue)
+        drained = self.run_dir / f"{self.name}.drained"
+        stop = self.run_dir / "stop"
+        next_poll = loop.time() + LOST_POLL_SECONDS
+        while True:
+            if loop.time() >= next_poll:
+                await self.handle_lost(pending)
+                next_poll = loop.time() + LOST_POLL_SECONDS
+            if pending:
+                drained.unlink(missing_ok=True)
+                event = pending.popleft()
+                if await self.consume(event):
+                    self.ack(event)
+                else:
+                    pending.append(event)
+                continue
+            drained.touch()
+            if stop.exists():
+                return
+            await asyncio.sleep(IDLE_SLEEP_SECONDS)
+
+    async def sweep(self) -> None:
+        """The final sweep: with the clock past the lookback, hand out what is left.
+
+        Rounds repeat while they find something, since handling a lost follower
+        can release (and so hand out) its own followers, never strand new ones.
+        """
+        pending: deque[ReceivedEvent] = deque()
+        token = phase.set("sweep")
+        try:
+            for _ in range(SWEEP_ROUNDS):
+                found = self.stats.lost_followers
+                await self.handle_lost(pending)
+                for _ in range(SWEEP_ROUNDS * max(len(pending), 1)):
+                    if not pending:
+                        break
+                    event = pending.popleft()
+                    if not await self.consume(event):
+                        pending.append(event)
+                if self.stats.lost_followers == found and not pending:
+                    return
+        finally:
+            phase.reset(token)
+
+    def close(self) -> None:
+        self._acks.close()
+
+
+def offset_clock(seconds: float) -> Callable[[], datetime]:
+    """The real time, moved by ``seconds``: the sweep runs "after the lookback"."""
+    offset = timedelta(seconds=seconds)
+    return lambda: utc_now() + offset
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run_dir)
+    ordering = CausalOrdering(
+        args.scope,
+        url=args.url,
+        clock=offset_clock(args.clock_offset_seconds),
+        lease_duration=timedelta(seconds=args.lease_seconds),
+    )
+    engine = create_engine(args.url)
+    faults = Faults(
+        block_on=args.block_on,
+        block_times=args.block_times,
+        pause_before_confirm=args.pause_before_confirm,
+        fail_once_on=args.fail_once_on,
+    )
+    worker = Worker(ordering, engine, args.name, run_dir, faults)
+    try:
+        if args.mode == "run":
+            await worker.run(read_queue(Path(args.queue)))
+        else:
+            await worker.sweep()
+    finally:
+        worker.close()
+        (run_dir / f"{args.name}.result.json").write_text(worker.stats.as_json())
+        await engine.dispose()
+        await dispose_engines()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.fault.worker")
+    parser.add_argument("mode", choices=["run", "sweep"])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--scope", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--queue", help="JSON list of deliveries (run mode)")
+    parser.add_argument("--lease-seconds", type=float, default=60.0)
+    parser.add_argument("--clock-offset-seconds", type=float, default=0.0)
+    parser.add_argument("--block-on", type=UUID, help="hang in the handler of this event")
+    parser.add_argument(
+        "--block-times", type=int, default=1, help="...unless this many handlers hang on it"
+    )
+    parser.add_argument(
+        "--pause-before-confirm",
+        type=UUID,
+        help="after the seen check of this event, wait for <name>.resume",
+    )
+    parser.add_argument(
+        "--fail-once-on", type=UUID, help="the handler raises the first time it gets this event"
+    )
+    args = parser.parse_args(argv)
+    if args.mode == "run" and not args.queue:
+        parser.error("run needs --queue")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        filename=str(Path(args.run_dir) / f"{args.name}.log"),
+        level=os.environ.get("ORDERING_FAULT_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
