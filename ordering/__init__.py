@@ -15,6 +15,7 @@ from .constants import (
     SEEN_EXPIRATION,
 )
 from .exceptions import (
+    EventAlreadyProcessed,
     EventArrivedEarly,
     EventBeingProcessed,
     MaxDepthExceeded,
@@ -33,6 +34,7 @@ __all__ = [
     "SEEN_EXPIRATION",
     "CausalOrdering",
     "Event",
+    "EventAlreadyProcessed",
     "EventArrivedEarly",
     "EventBeingProcessed",
     "EventHandler",

@@ -32,9 +32,14 @@ from .constants import (
     SEEN_EXPIRATION,
 )
 from .engine import EngineRegistry, resolve_url
-from .exceptions import EventArrivedEarly, EventBeingProcessed, MaxDepthExceeded
+from .exceptions import (
+    EventAlreadyProcessed,
+    EventArrivedEarly,
+    EventBeingProcessed,
+    MaxDepthExceeded,
+)
 from .models import ReceivedEvent, utc_now
-from .store import Store
+from .store import Begun, Refused, Store
 
 logger = logging.getLogger("ordering")
 
@@ -249,10 +254,17 @@ class CausalOrdering(Generic[E]):
         owner = _new_owner()
         now = self._now()
         event_id: UUID = event.id  # type: ignore[attr-defined]
-        acquired = await self.store.begin(
-            self.scope, event_id, None, owner, now, now + self.lease_duration, now
+        taken = await self.store.begin(
+            self.scope,
+            event_id,
+            None,
+            owner,
+            now,
+            now + self.lease_duration,
+            now,
+            refuse_seen=False,  # the seed's guard is about processing only
         )
-        if acquired is None:
+        if not isinstance(taken, Begun):
             return False
         _process_leases[(self.url, self.scope, event_id)] = owner
         return True
@@ -283,12 +295,7 @@ class CausalOrdering(Generic[E]):
         owner = _new_owner()
         now = self._now()
         event_id: UUID = event.id  # type: ignore[attr-defined]
-        begun = await self.store.begin(
-            self.scope, event_id, None, owner, now, now + self.lease_duration, now
-        )
-        if begun is None:
-            self._log(event, "is already being processed")
-            raise EventBeingProcessed(event)
+        await self._take_lease(event, owner, now, None)
         key = (self.url, self.scope, event_id)
         _process_leases[key] = owner  # so that wait_for_leader can give it up when parking
         done = False
@@ -305,6 +312,28 @@ class CausalOrdering(Generic[E]):
                 del _process_leases[key]
             if not done:
                 await _shielded(self.store.release(self.scope, event_id, owner))
+
+    async def _take_lease(
+        self, event: Any, owner: str, now: datetime, leader: UUID | None
+    ) -> Begun:
+        """Lease the event (and look at its leader), or raise why not."""
+        taken = await self.store.begin(
+            self.scope,
+            event.id,
+            leader,
+            owner,
+            now,
+            now + self.lease_duration,
+            now - self.seen_expiration,
+        )
+        if taken is Refused.ALREADY_SEEN:
+            self._log(event, "was processed already")
+            raise EventAlreadyProcessed(event)
+        if taken is Refused.HELD_ELSEWHERE:
+            self._log(event, "is already being processed")
+            raise EventBeingProcessed(event)
+        assert isinstance(taken, Begun)
+        return taken
 
     def _held(self, event: Any) -> _Held | None:
         return _held.get().get((self.url, self.scope, event.id))
@@ -484,13 +513,8 @@ class CausalOrdering(Generic[E]):
         held = self._held(ev)
         if held is None:
             owner = _new_owner()
-            status = await store.begin(
-                self.scope, ev.id, leader, owner, now, now + self.lease_duration, seen_after
-            )
-            if status is None:
-                self._log(ev, "is already being processed")
-                raise EventBeingProcessed(event)
-            _, leader_seen, leader_in_flight = status
+            begun = await self._take_lease(ev, owner, now, leader)
+            leader_seen, leader_in_flight = begun.leader_seen, begun.leader_in_flight
         else:
             owner = held.owner
             leader_seen, leader_in_flight = (
@@ -574,7 +598,9 @@ class CausalOrdering(Generic[E]):
             self._log(leader, "reached its max depth of %s followers processed.", self.max_depth)
         finally:
             if pending:
-                await _shielded(store.unclaim(self.scope, owner, [f.id for f in pending]))
+                await _shielded(
+                    store.unclaim(self.scope, owner, [f.id for f in pending], self._now())
+                )
 
     # -- clearing -------------------------------------------------------------------
 

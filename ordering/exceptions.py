@@ -29,6 +29,18 @@ class EventBeingProcessed(Exception):
         self.event = event
 
 
+class EventAlreadyProcessed(EventBeingProcessed):
+    """The event was processed (marked seen) already: a redelivery to skip.
+
+    A subclass of EventBeingProcessed, so a consumer that delivers those again later
+    and skips what was seen handles it right without knowing this class.
+    """
+
+    def __init__(self, event: Any):
+        Exception.__init__(self, f"event {getattr(event, 'id', event)} was processed already")
+        self.event = event
+
+
 class OrderingError(Exception):
     """Base class of the store's own errors (not the ordering signals above)."""
 

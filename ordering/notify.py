@@ -60,13 +60,18 @@ class Notifications:
             if self._driver is not None and not self._driver.is_closed():
                 return True
             await self._close_connection()
+            connection = self._engine.connect()
             try:
-                connection = self._engine.connect()
                 await connection.start()
                 driver = (await connection.get_raw_connection()).driver_connection
                 assert driver is not None
                 await driver.add_listener(CHANNEL, self._notified)
             except Exception:
+                try:
+                    await connection.invalidate()
+                    await connection.close()
+                except Exception:
+                    logger.debug("closing a failed LISTEN connection failed", exc_info=True)
                 logger.warning(
                     "cannot LISTEN for completions; followers will poll instead", exc_info=True
                 )

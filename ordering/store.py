@@ -42,6 +42,7 @@ out once and so is never repeated blindly.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import re
 import sqlite3
@@ -134,13 +135,18 @@ def _sql(sql: str) -> Statement:
 # Events are read back as CAST(event AS TEXT): the JSON text, whichever the dialect
 # (the asyncpg driver would otherwise decode JSONB into dicts), for model_validate_json.
 
-# Take the lease (or take over an expired one, or one already ours) and, in the same
-# statement, say whether the leader was seen or is being processed.  Returns no row
-# when someone else holds a live lease.  (PostgreSQL runs the same as a function,
-# PG_BEGIN, to commit it without waiting for the WAL flush.)
+# Take the lease (or take over an expired one, or one already ours) unless the event
+# was seen already, and in the same statement say whether the leader was seen or is
+# being processed.  Returns no row when someone else holds a live lease, or when the
+# event was seen (SQLite serializes writers, so checking seen first is safe there;
+# PostgreSQL runs PG_BEGIN, which checks it after taking the lease, and commits the
+# lease without waiting for the WAL flush).
 BEGIN = _sql("""
 INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
-VALUES (:scope, :event_id, :owner, :now, :expires_at)
+SELECT :scope, :event_id, :owner, :now, :expires_at
+WHERE NOT (:refuse_seen AND EXISTS (
+    SELECT 1 FROM ordering_seen_events s
+    WHERE s.scope = :scope AND s.event_id = :event_id AND s.seen_at > :seen_after))
 ON CONFLICT (scope, event_id) DO UPDATE
 SET owner = excluded.owner, acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
     has_waiters = false
@@ -150,6 +156,11 @@ RETURNING
             WHERE s.scope = :scope AND s.event_id = :follows AND s.seen_at > :seen_after),
     EXISTS (SELECT 1 FROM ordering_processing_leases p
             WHERE p.scope = :scope AND p.event_id = :follows AND p.expires_at > :now)
+""")
+
+SEEN = _sql("""
+SELECT EXISTS (SELECT 1 FROM ordering_seen_events
+               WHERE scope = :scope AND event_id = :event_id AND seen_at > :seen_after)
 """)
 
 LEADER_STATUS = _sql("""
@@ -217,8 +228,11 @@ WHERE scope = :scope
 RETURNING CAST(event AS TEXT)
 """)
 
+# A released follower that was not handled (its handler failed, or the depth limit cut
+# it off) keeps its row with its claim expired now: the next get_lost_followers hands
+# it out again, without waiting for the lookback (its leader is seen already).
 UNCLAIM = _sql("""
-UPDATE ordering_waiting_followers SET claimed_by = NULL, claimed_until = NULL
+UPDATE ordering_waiting_followers SET claimed_until = :now
 WHERE scope = :scope AND claimed_by = :owner AND follower_id IN :ids
 """)
 
@@ -249,8 +263,8 @@ SCHEMA_VERSION = _sql(f"SELECT version_num FROM {VERSION_TABLE}")
 # -- PostgreSQL: one round trip each, through the functions of the first migration --
 
 PG_BEGIN = _sql("""
-SELECT leader_seen, leader_in_flight FROM ordering_begin_event(
-    :scope, :event_id, :follows, :owner, :now, :expires_at, :seen_after)
+SELECT already_seen, leader_seen, leader_in_flight FROM ordering_begin_event(
+    :scope, :event_id, :follows, :owner, :now, :expires_at, :seen_after, :refuse_seen)
 """)
 
 PG_COMPLETE = _sql("""
@@ -268,6 +282,13 @@ SELECT ordering_park_follower(
 SQLITE_LEADER_SEEN = _sql("""
 SELECT EXISTS (SELECT 1 FROM ordering_seen_events
                WHERE scope = :scope AND event_id = :leader_id AND seen_at > :seen_after)
+""")
+
+# Parking gives up the lease: if ours is gone, an earlier attempt of this very park
+# committed (its reply was lost), and the event is parked, not free to go.
+SQLITE_STILL_LEASED = _sql("""
+SELECT :owner = '' OR EXISTS (SELECT 1 FROM ordering_processing_leases
+                              WHERE scope = :scope AND event_id = :event_id AND owner = :owner)
 """)
 
 SQLITE_CLAIM = _sql("""
@@ -322,7 +343,7 @@ _TRANSIENT_POSTGRES: tuple[type[BaseException], ...] = (
 
 def is_transient(exc: BaseException) -> bool:
     """A lost or refused connection, or a busy SQLite file: worth trying again."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _never_sent(exc):
         return True
     if isinstance(exc, (ConnectionError, asyncio.TimeoutError, *_TRANSIENT_POSTGRES)):
         return True
@@ -344,7 +365,31 @@ _DATABASE_ERRORS = (
     asyncio.TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """asyncpg refused the statement before it left the client: the connection was
+    closed, or took the server's FATAL while idle and its protocol is stuck."""
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return "cannot switch to state" in str(exc)
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """The lease is ours; what ``begin`` saw of the leader."""
+
+    leader_seen: bool
+    leader_in_flight: bool
+
+
+class Refused(enum.Enum):
+    """Why ``begin`` did not lease the event."""
+
+    HELD_ELSEWHERE = "another holder has a live lease"
+    ALREADY_SEEN = "the event was processed already"
 
 
 @dataclass(eq=False)
@@ -437,7 +482,7 @@ class Store:
                     await _discard(held.connection)
                 if not is_transient(exc):
                     raise
-                sent = held is not None
+                sent = held is not None and not _never_sent(exc)
                 # The server may have dropped every connection: the idle ones are dead too.
                 await self._close_idle()
                 if sent and not idempotent:
@@ -568,9 +613,14 @@ class Store:
         now: datetime,
         expires_at: datetime,
         seen_after: datetime,
-    ) -> tuple[bool, bool, bool] | None:
-        """Lease the event: None when someone else holds it, else
-        (True, leader seen, leader in flight)."""
+        *,
+        refuse_seen: bool = True,
+    ) -> Begun | Refused:
+        """Lease the event, and look at its leader in the same round trip.
+
+        Refused when someone else holds a live lease, or (with ``refuse_seen``) when
+        the event itself was seen already.
+        """
         params = {
             "scope": scope,
             "event_id": event_id,
@@ -579,9 +629,26 @@ class Store:
             "now": now,
             "expires_at": expires_at,
             "seen_after": seen_after,
+            "refuse_seen": refuse_seen,
         }
-        rows = await self._fetch(PG_BEGIN if self.is_postgres else BEGIN, params)
-        return (True, bool(rows[0][0]), bool(rows[0][1])) if rows else None
+        if self.is_postgres:
+            rows = await self._fetch(PG_BEGIN, params)
+            if not rows:
+                return Refused.HELD_ELSEWHERE
+            already_seen, leader_seen, leader_in_flight = rows[0]
+            if already_seen:
+                return Refused.ALREADY_SEEN
+            return Begun(bool(leader_seen), bool(leader_in_flight))
+
+        def work(execute: Callable[[Statement, Params], Rows]) -> Begun | Refused:
+            rows = execute(BEGIN, params)
+            if rows:
+                return Begun(bool(rows[0][0]), bool(rows[0][1]))
+            if refuse_seen and execute(SEEN, params)[0][0]:
+                return Refused.ALREADY_SEEN
+            return Refused.HELD_ELSEWHERE
+
+        return await self._sqlite(work)
 
     async def leader_status(
         self, scope: str, leader_id: UUID, now: datetime, seen_after: datetime
@@ -691,7 +758,7 @@ class Store:
 
         def work(execute: Callable[[Statement, Params], Rows]) -> bool:
             if execute(SQLITE_LEADER_SEEN, params)[0][0]:
-                return False
+                return not execute(SQLITE_STILL_LEASED, params)[0][0]
             execute(RECORD_FOLLOWER, params)
             execute(RELEASE, params)
             return True
@@ -735,11 +802,12 @@ class Store:
         params = {"scope": scope, "cutoff": cutoff, "now": now}
         return [row[0] for row in await self._fetch(TAKE_LOST, params, idempotent=False)]
 
-    async def unclaim(self, scope: str, owner: str, ids: Sequence[UUID]) -> None:
-        """Give back claimed followers (and their leases) that were not handled."""
+    async def unclaim(self, scope: str, owner: str, ids: Sequence[UUID], now: datetime) -> None:
+        """Give back claimed followers that were not handled (and their leases): their
+        claims expire now, so the lost-follower sweep hands them out again."""
         if not ids:
             return
-        params = {"scope": scope, "owner": owner, "ids": list(ids)}
+        params = {"scope": scope, "owner": owner, "ids": list(ids), "now": now}
         await self._fetch(UNCLAIM, params)
         await self._fetch(RELEASE_CLAIMED, params)
 

@@ -14,7 +14,9 @@ from ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     CausalOrdering,
+    EventAlreadyProcessed,
     EventArrivedEarly,
+    EventBeingProcessed,
     MaxDepthExceeded,
     ReceivedEvent,
 )
@@ -234,9 +236,9 @@ async def test_a_failing_follower_handler_keeps_the_follower(
         await consumer.consume(leader)
     assert await ordering.event_has_been_seen(leader)
     assert not await ordering.event_has_been_seen(follower)
-    assert await ordering.get_followers(leader) == [follower]  # unclaimed again
+    assert await ordering.get_followers(leader) == [follower]  # kept, its claim expired
     assert not await ordering.event_has_started_processing(follower)
-    clock.advance(PRECEDING_EVENT_LOOKBACK)
+    # its leader is seen, so the sweep hands it out again without waiting the lookback
     assert await ordering.get_lost_followers() == [follower]
 
 
@@ -342,3 +344,44 @@ async def test_postgres_wakes_a_waiting_follower_without_polling(
         assert await follower_task is True
     assert consumer.names == ["leader", "follower"]
     await ordering.clear()
+
+
+async def test_an_event_processed_already_is_refused_not_handled_again(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    """A redelivery that passed its consumer's "seen?" check just before the original
+    completed must not be handled a second time."""
+    event = make_event(clock)
+    consumer = Consumer(ordering)
+    assert await consumer.consume(event)
+    with pytest.raises(EventAlreadyProcessed) as raised:
+        await consumer.consume(event)
+    assert isinstance(raised.value, EventBeingProcessed)  # consumers that retry those: fine
+    assert consumer.handled == [event]
+    assert not await ordering.event_has_started_processing(event)
+    # the seed's bare processing guard is about processing only
+    assert await ordering.record_event_as_processing(event)
+
+
+async def test_a_park_retried_after_its_reply_was_lost_still_parks(
+    ordering: Ordering, clock: MutableClock
+) -> None:
+    """If a park committed but its reply was lost, and the leader completed meanwhile,
+    the retried park must still say "parked": the leader has the follower now."""
+    leader = make_event(clock)
+    follower = make_event(clock, follows=leader.id)
+    store, now = ordering.store, clock()
+    assert await store.begin(ordering.scope, follower.id, leader.id, "w1", now, now, now)
+    park = (
+        ordering.scope,
+        follower.id,
+        leader.id,
+        follower.occurred,
+        follower.received,
+        follower.model_dump_json(),
+        "w1",
+        now - timedelta(minutes=30),
+    )
+    assert await store.park(*park)
+    await ordering.record_event_as_seen(leader)
+    assert await store.park(*park)  # the retry: still parked, not "go ahead"

@@ -25,40 +25,51 @@ depends_on: str | Sequence[str] | None = None
 
 
 BEGIN_EVENT = """
-CREATE FUNCTION ordering_begin_event(
+CREATE OR REPLACE FUNCTION ordering_begin_event(
     p_scope text, p_event_id uuid, p_follows uuid, p_owner text, p_now timestamptz,
-    p_expires_at timestamptz, p_seen_after timestamptz
-) RETURNS TABLE (leader_seen boolean, leader_in_flight boolean)
+    p_expires_at timestamptz, p_seen_after timestamptz, p_refuse_seen boolean
+) RETURNS TABLE (already_seen boolean, leader_seen boolean, leader_in_flight boolean)
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     -- A lease lost in a database crash costs nothing (its holder's connection is
     -- gone too, and the lease would only have expired), so its commit skips the WAL
     -- flush.  Completion, which marks the event seen, stays durable.
     PERFORM set_config('synchronous_commit', 'off', true);
-    RETURN QUERY
-    WITH taken AS (
-        INSERT INTO ordering_processing_leases AS l
-            (scope, event_id, owner, acquired_at, expires_at)
-        VALUES (p_scope, p_event_id, p_owner, p_now, p_expires_at)
-        ON CONFLICT (scope, event_id) DO UPDATE
-            SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-                expires_at = excluded.expires_at, has_waiters = false
-            WHERE l.expires_at <= excluded.acquired_at OR l.owner = excluded.owner
-        RETURNING 1
-    )
-    SELECT
+    INSERT INTO ordering_processing_leases AS l
+        (scope, event_id, owner, acquired_at, expires_at)
+    VALUES (p_scope, p_event_id, p_owner, p_now, p_expires_at)
+    ON CONFLICT (scope, event_id) DO UPDATE
+        SET owner = excluded.owner, acquired_at = excluded.acquired_at,
+            expires_at = excluded.expires_at, has_waiters = false
+        WHERE l.expires_at <= excluded.acquired_at OR l.owner = excluded.owner;
+    IF NOT FOUND THEN
+        RETURN;  -- someone else holds a live lease
+    END IF;
+    -- Checked once the lease is ours, with a fresh snapshot: a copy of this event that
+    -- completed while we waited for its lease row (it marks seen and drops the lease in
+    -- one transaction) is seen here, so a redelivery is never handled a second time.
+    IF p_refuse_seen AND EXISTS (
+        SELECT 1 FROM ordering_seen_events s
+        WHERE s.scope = p_scope AND s.event_id = p_event_id AND s.seen_at > p_seen_after
+    ) THEN
+        DELETE FROM ordering_processing_leases l
+        WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner;
+        RETURN QUERY SELECT true, false, false;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT
+        false,
         EXISTS (SELECT 1 FROM ordering_seen_events s
                 WHERE s.scope = p_scope AND s.event_id = p_follows
                   AND s.seen_at > p_seen_after),
         EXISTS (SELECT 1 FROM ordering_processing_leases p
-                WHERE p.scope = p_scope AND p.event_id = p_follows AND p.expires_at > p_now)
-    FROM taken;
+                WHERE p.scope = p_scope AND p.event_id = p_follows AND p.expires_at > p_now);
 END
 $$
 """
 
 PARK_FOLLOWER = """
-CREATE FUNCTION ordering_park_follower(
+CREATE OR REPLACE FUNCTION ordering_park_follower(
     p_scope text, p_event_id uuid, p_leader_id uuid, p_occurred timestamptz,
     p_received timestamptz, p_event jsonb, p_owner text, p_seen_after timestamptz
 ) RETURNS boolean
@@ -73,7 +84,11 @@ BEGIN
         SELECT 1 FROM ordering_seen_events s
         WHERE s.scope = p_scope AND s.event_id = p_leader_id AND s.seen_at > p_seen_after
     ) THEN
-        RETURN false;
+        -- The leader is seen: go ahead, unless our lease is gone, which means an
+        -- earlier attempt of this very call parked (and its reply was lost).
+        RETURN p_owner <> '' AND NOT EXISTS (
+            SELECT 1 FROM ordering_processing_leases l
+            WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner);
     END IF;
     INSERT INTO ordering_waiting_followers
         (scope, follower_id, leader_id, occurred, received, event)
@@ -93,7 +108,7 @@ $$
 """
 
 COMPLETE_EVENT = """
-CREATE FUNCTION ordering_complete_event(
+CREATE OR REPLACE FUNCTION ordering_complete_event(
     p_scope text, p_event_id uuid, p_owner text, p_now timestamptz,
     p_claim_owner text, p_claim_until timestamptz
 ) RETURNS TABLE (
@@ -223,7 +238,7 @@ def downgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
         op.execute(
             "DROP FUNCTION ordering_begin_event"
-            "(text, uuid, uuid, text, timestamptz, timestamptz, timestamptz)"
+            "(text, uuid, uuid, text, timestamptz, timestamptz, timestamptz, boolean)"
         )
         op.execute(
             "DROP FUNCTION ordering_complete_event"

@@ -65,12 +65,6 @@ def handlings(report: Report, event: ReceivedEvent) -> list[str]:
 # -- 1. concurrency ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,  # the race is timing-dependent; make it strict (or drop it) once fixed
-    reason="intermittent until Store.begin refuses an event already seen: a redelivery "
-    "whose seen check lands just before the original's completion is handled twice "
-    "(deterministic reproduction: test_redeliveries_racing_their_originals...)",
-)
 def test_four_workers_share_jumbled_chains_with_redeliveries(
     pg_url: str, tmp_path: Path, harnesses: list[Harness]
 ) -> None:
@@ -92,12 +86,6 @@ def test_four_workers_share_jumbled_chains_with_redeliveries(
     assert report.swept == [], "a follower waited for the lookback"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="preceding_event_confirmed does not refuse an event that was seen meanwhile: "
-    "a redelivered copy whose seen check came before the original's completion is "
-    "handled a second time (Store.begin must check the event itself)",
-)
 def test_redeliveries_racing_their_originals_are_not_handled_twice(
     pg_url: str, tmp_path: Path, harnesses: list[Harness]
 ) -> None:
@@ -203,12 +191,6 @@ def test_a_worker_killed_while_holding_claimed_followers(
     assert report.swept == [], "a follower waited for the lookback"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when the handler fails on a released follower, CausalOrdering._hand_out "
-    "unclaims it (claimed_until NULL), so no get_lost_followers poll returns it before "
-    "the 15-minute lookback; it should stay claimed until the claim expires",
-)
 def test_a_follower_whose_handler_failed_is_retried_before_the_lookback(
     pg_url: str, tmp_path: Path, harnesses: list[Harness]
 ) -> None:
@@ -242,8 +224,9 @@ def test_a_follower_whose_handler_failed_is_retried_before_the_lookback(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="get_lost_followers deletes the rows it hands out (Store.take_lost_followers), "
-    "so a worker killed while handling a lost follower loses it for good",
+    reason="by design, as Prefect's interface specifies: get_lost_followers removes the "
+    "followers it hands out, so a worker killed while handling one loses it (README, "
+    "Guarantees)",
 )
 def test_a_worker_killed_while_handling_a_lost_follower(
     pg_url: str, tmp_path: Path, harnesses: list[Harness]
@@ -347,13 +330,6 @@ def test_every_connection_terminated_mid_run(terminated: OutageRun) -> None:
     assert_outage_survived(terminated)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asyncpg's InternalClientError ('cannot switch to state 12; another operation "
-    "(2) is in progress': a pooled connection that received the server's FATAL while "
-    "idle) escapes Store._with_retries raw: it is neither PostgresError nor "
-    "InterfaceError, so it is not in _DATABASE_ERRORS",
-)
 def test_terminated_connections_fail_only_with_clear_errors(terminated: OutageRun) -> None:
     """What escapes the store while the connections are cut is StoreUnavailable."""
     assert_clear_errors(terminated)
