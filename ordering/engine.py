@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import weakref
 from typing import Any
 
@@ -38,8 +39,8 @@ def _checked_url(chosen: str) -> str:
     ordering may be constructed for every event."""
     try:
         parsed = make_url(chosen)
-    except Exception as exc:  # sqlalchemy raises ArgumentError with a terse text
-        raise ValueError(f"not a database URL: {chosen!r} ({exc})") from None
+    except Exception:  # sqlalchemy's ArgumentError repeats the URL, password and all
+        raise ValueError(f"not a database URL: {_mask_password(chosen)!r}") from None
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+asyncpg")
     elif parsed.drivername == "sqlite":
@@ -55,6 +56,11 @@ def _checked_url(chosen: str) -> str:
             "give a file, e.g. sqlite+aiosqlite:///ordering.db"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+def _mask_password(text: str) -> str:
+    """Hide what looks like a password in a string that would not parse as a URL."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def safe_url(url: str) -> str:
@@ -136,5 +142,10 @@ class EngineRegistry:
         return list(self._by_loop.get(loop, {}).values())
 
     def forget_current(self) -> list[Any]:
+        """Hand over the running loop's objects and forget their URLs (the caller closes
+        them; a database dropped since must not be visited by clear_all_scopes)."""
         loop = asyncio.get_running_loop()
-        return list(self._by_loop.pop(loop, {}).values())
+        gone = self._by_loop.pop(loop, {})
+        still_open = {url for per_loop in self._by_loop.values() for url in per_loop}
+        self.urls_opened -= set(gone) - still_open
+        return list(gone.values())

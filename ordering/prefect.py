@@ -27,6 +27,7 @@ from datetime import datetime
 from functools import lru_cache
 from uuid import UUID
 
+import prefect.types._datetime as prefect_datetime
 from prefect.server.events import ordering as prefect_ordering
 from prefect.server.events.schemas.events import Event, ReceivedEvent
 from prefect.settings import get_current_settings
@@ -38,6 +39,7 @@ from .engine import URL_ENV, resolve_url, safe_url
 
 __all__ = [
     "CausalOrdering",
+    "EventAlreadyProcessed",
     "EventArrivedEarly",
     "MaxDepthExceeded",
     "database_url",
@@ -66,8 +68,23 @@ class MaxDepthExceeded(prefect_ordering.MaxDepthExceeded, exceptions.MaxDepthExc
         exceptions.MaxDepthExceeded.__init__(self, event)
 
 
+class EventAlreadyProcessed(prefect_ordering.EventArrivedEarly, exceptions.EventAlreadyProcessed):
+    """A redelivery of an event that was processed already.
+
+    Also Prefect's EventArrivedEarly, which Prefect's triggers consumer catches and
+    acknowledges: the right end for a duplicate (no error, no redelivery loop).
+    """
+
+    def __init__(self, event: ReceivedEvent) -> None:
+        exceptions.EventAlreadyProcessed.__init__(self, event)
+
+
 def _as_prefect(exc: BaseException) -> BaseException | None:
     """Our ordering signal as the class Prefect catches; None when it already is one."""
+    if isinstance(exc, exceptions.EventAlreadyProcessed) and not isinstance(
+        exc, prefect_ordering.EventArrivedEarly
+    ):
+        return EventAlreadyProcessed(exc.event)
     if isinstance(exc, exceptions.EventArrivedEarly) and not isinstance(
         exc, prefect_ordering.EventArrivedEarly
     ):
@@ -83,7 +100,11 @@ def _as_prefect(exc: BaseException) -> BaseException | None:
 def _prefect_signals() -> Iterator[None]:
     try:
         yield
-    except (exceptions.EventArrivedEarly, exceptions.MaxDepthExceeded) as exc:
+    except (
+        exceptions.EventArrivedEarly,
+        exceptions.MaxDepthExceeded,
+        exceptions.EventAlreadyProcessed,
+    ) as exc:
         translated = _as_prefect(exc)
         if translated is None:
             raise
@@ -104,6 +125,12 @@ def set_clock(clock: Callable[[], datetime] | None) -> Callable[[], datetime] | 
     global _clock
     previous, _clock = _clock, clock
     return previous
+
+
+def _prefect_now() -> datetime:
+    """Prefect's own notion of now (its tests patch ``prefect.types._datetime.now``)."""
+    now: datetime = prefect_datetime.now("UTC")
+    return now
 
 
 @contextmanager
@@ -197,7 +224,7 @@ class CausalOrdering(causal.CausalOrdering[ReceivedEvent], prefect_ordering.Caus
         super().__init__(
             scope,
             url=url or database_url(),
-            clock=clock or _clock,
+            clock=clock or _clock or _prefect_now,
             event_type=ReceivedEvent,
         )
 

@@ -60,7 +60,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: the store only takes aware UTC datetimes")
         value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        # a plain datetime, whatever subclass came in (Prefect's may be pendulum's)
+        plain = datetime(*value.timetuple()[:6], value.microsecond, tzinfo=UTC)
+        return plain.replace(tzinfo=None) if dialect.name == "sqlite" else plain
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:

@@ -136,6 +136,10 @@ FROM ordering_processing_leases
 
 def upgrade() -> None:
     d = _Dialect(op.get_context().dialect.name)
+    # Views a tool dropped the tables under (Prefect's database reset does, on SQLite)
+    # would make CREATE VIEW fail: start from none.
+    for view in VIEWS:
+        op.execute(f"DROP VIEW IF EXISTS {view}")
     op.execute(_waiting(d))
     op.execute(STUCK)
     op.execute(_held_leases(d))
