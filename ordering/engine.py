@@ -82,7 +82,9 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(
             parsed,
             isolation_level="AUTOCOMMIT",
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
+            # check_same_thread: the store runs statements on the event loop's thread
+            # as well as in aiosqlite's (one at a time; see Store._sqlite).
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
             pool_reset_on_return=None,
             **kwargs,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -226,3 +227,35 @@ async def test_a_naive_clock_is_refused(db_url: str, scope: str) -> None:
     ordering = CausalOrdering(scope, url=db_url, clock=lambda: datetime(2026, 1, 1))
     with pytest.raises(ValueError, match="naive"):
         await ordering.event_has_been_seen(uuid4())
+
+
+async def test_sqlite_waits_for_another_writer_without_blocking_the_loop(
+    sqlite_url: str, clock: MutableClock, scope: str
+) -> None:
+    """Store operations run on the loop's thread and never wait there: when another
+    process holds SQLite's write lock, the operation waits in aiosqlite's thread while
+    the loop goes on, and completes once the lock is released."""
+    ordering = CausalOrdering(scope, url=sqlite_url, clock=clock)
+    event = make_event(clock)
+    await ordering.event_has_been_seen(event)  # schema checked, connection open
+    other = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    recording = asyncio.create_task(ordering.record_event_as_seen(event))
+    await asyncio.sleep(0.3)
+    assert not recording.done()  # waiting for the lock...
+    assert ticks >= 10  # ...while the loop kept running
+    other.execute("COMMIT")
+    other.close()
+    await recording
+    ticking.cancel()
+    assert await ordering.event_has_been_seen(event)
+    await ordering.clear()
