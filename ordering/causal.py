@@ -132,6 +132,7 @@ class CausalOrdering(Generic[E]):
         in_flight_event_timeout: timedelta = ...,
         lease_duration: timedelta = ...,
         poll_interval: float = ...,
+        notify: bool = ...,
     ) -> None: ...
 
     @overload
@@ -148,6 +149,7 @@ class CausalOrdering(Generic[E]):
         in_flight_event_timeout: timedelta = ...,
         lease_duration: timedelta = ...,
         poll_interval: float = ...,
+        notify: bool = ...,
     ) -> None: ...
 
     def __init__(
@@ -163,6 +165,7 @@ class CausalOrdering(Generic[E]):
         in_flight_event_timeout: timedelta = IN_FLIGHT_EVENT_TIMEOUT,
         lease_duration: timedelta = LEASE_DURATION,
         poll_interval: float = 0.25,
+        notify: bool = True,
     ) -> None:
         if not isinstance(scope, str) or not scope or len(scope) > 200:
             raise ValueError(
@@ -198,6 +201,7 @@ class CausalOrdering(Generic[E]):
         self.in_flight_event_timeout = in_flight_event_timeout
         self.lease_duration = lease_duration
         self.poll_interval = poll_interval
+        self.notify = notify
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -462,7 +466,7 @@ class CausalOrdering(Generic[E]):
         store = self.store
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.in_flight_event_timeout.total_seconds()
-        async with store.leader_waiter(self.scope, leader) as waiter:
+        async with store.leader_waiter(self.scope, leader, notify=self.notify) as waiter:
             if waiter.notified_by_database and not await store.mark_waiting(
                 self.scope, leader, self._now()
             ):

@@ -98,8 +98,10 @@ processing_leases = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     # Set by a follower waiting for this event in flight: completion then NOTIFYs.
     Column("has_waiters", Boolean, nullable=False, server_default=false()),
+    # No index on expires_at: the table holds only leases in flight (and expired ones
+    # until prune), and every event inserts and deletes its lease, so an index would
+    # cost every event two writes to save prune a scan of a small table.
     PrimaryKeyConstraint("scope", "event_id"),
-    Index(None, "expires_at"),
 )
 
 waiting_followers = Table(

@@ -707,9 +707,11 @@ class Store:
         return bool(row[0]), bool(row[1])
 
     @asynccontextmanager
-    async def leader_waiter(self, scope: str, leader_id: UUID) -> AsyncIterator[Waiter]:
+    async def leader_waiter(
+        self, scope: str, leader_id: UUID, *, notify: bool = True
+    ) -> AsyncIterator[Waiter]:
         """A waiter woken when the leader completes (PostgreSQL) or after each timeout."""
-        if self.notifications is None:
+        if self.notifications is None or not notify:
             yield Waiter(None)
             return
         async with self.notifications.waiter(scope, leader_id) as waiter:

@@ -191,9 +191,6 @@ def upgrade() -> None:
         sa.Column("has_waiters", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.PrimaryKeyConstraint("scope", "event_id", name="pk_ordering_processing_leases"),
     )
-    op.create_index(
-        "ix_ordering_processing_leases_expires_at", "ordering_processing_leases", ["expires_at"]
-    )
 
     op.create_table(
         "ordering_waiting_followers",
