@@ -502,8 +502,9 @@ class CausalOrdering(Generic[E]):
         """Run the body only once the event's leader has been processed.
 
         Raises EventArrivedEarly (the event is parked; its leader will hand it to
-        ``handler`` later), EventBeingProcessed (another worker holds it; retry later)
-        or MaxDepthExceeded.  After the body succeeds the event is marked seen and the
+        ``handler`` later), EventBeingProcessed (another worker holds it; retry later),
+        its subclass EventAlreadyProcessed (it was handled already; skip it) or
+        MaxDepthExceeded.  After the body succeeds the event is marked seen and the
         followers that waited for it are handed to ``handler`` in the order they occurred.
         """
         if depth > self.max_depth:

@@ -464,7 +464,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_now(parser: argparse.ArgumentParser) -> None:
     # For tests and investigations: judge expiry as of this time instead of the wall
-    # clock, as an ordering with clock= would.  Documented in docs/cli.md, not in --help.
+    # clock, as an ordering with clock= would.  Documented in the README, not in --help.
     parser.add_argument("--now", type=_aware_time, default=None, help=argparse.SUPPRESS)
 
 

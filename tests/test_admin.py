@@ -493,7 +493,7 @@ async def test_audit_views_answer_in_database_time(
     assert all(row["held_by"] for row in leases)
 
 
-#: The queries docs/cli.md shows for reaching into the stored event.
+#: The queries the README shows for reaching into the stored event.
 JSON_QUERIES = {
     "postgresql": (
         "SELECT event->'resource'->>'prefect.resource.id' FROM ordering_waiting "

@@ -529,7 +529,7 @@ async def _our_tables(url: str) -> set[str]:
 #: Known limits of Prefect's own reset on a database that holds our schema too.
 RESET_LIMITS = {
     "postgresql": "Prefect's reset fails: PostgreSQL refuses to DROP TABLE under the audit "
-    "views of revision 0002 (docs/prefect.md gives the procedure that works)",
+    "views of revision 0002 (the README gives the procedure that works)",
 }
 
 
@@ -537,7 +537,7 @@ async def test_ordering_migrate_restores_our_schema_after_prefects_database_rese
     empty_url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``prefect server database reset`` drops every table it finds, ours too; then
-    ``ordering migrate`` must bring them back (docs/prefect.md promises it)."""
+    ``ordering migrate`` must bring them back (the README promises it)."""
     dialect = request.node.callspec.params["empty_url"]
     if dialect in RESET_LIMITS:
         request.applymarker(pytest.mark.xfail(strict=True, reason=RESET_LIMITS[dialect]))
@@ -554,7 +554,7 @@ async def test_ordering_migrate_restores_our_schema_after_prefects_database_rese
 async def test_the_documented_reset_procedure_restores_our_schema(
     empty_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """docs/prefect.md: take our schema down to base, reset Prefect, migrate again."""
+    """the README: take our schema down to base, reset Prefect, migrate again."""
     monkeypatch.delenv(URL_ENV, raising=False)
     await asyncio.to_thread(upgrade, empty_url)
 
