@@ -107,6 +107,11 @@ def _follower_times(event: Any) -> tuple[datetime, datetime]:
     return event.occurred, event.received
 
 
+def _is_follower(event: Any) -> bool:
+    """Whether the event follows another (only such an event can have been parked)."""
+    return event.follows is not None and event.follows != event.id
+
+
 def _event_id(event: Any) -> UUID:
     return event if isinstance(event, UUID) else event.id
 
@@ -306,7 +311,15 @@ class CausalOrdering(Generic[E]):
         try:
             async with self._keep_alive(owner):
                 yield
-            await self.store.complete(self.scope, event_id, owner, self._now(), None, now)
+            await self.store.complete(
+                self.scope,
+                event_id,
+                owner,
+                self._now(),
+                None,
+                now,
+                is_follower=_is_follower(event),
+            )
             done = True
         except EventArrivedEarly as early:
             done = _event_id(early.event) == event_id  # parking released the lease
@@ -538,7 +551,13 @@ class CausalOrdering(Generic[E]):
             now = self._now()
             claim_owner = _new_owner()
             released = await store.complete(
-                self.scope, ev.id, owner, now, claim_owner, now + self.lease_duration
+                self.scope,
+                ev.id,
+                owner,
+                now,
+                claim_owner,
+                now + self.lease_duration,
+                is_follower=_is_follower(ev),
             )
             done = True
             if held is not None:

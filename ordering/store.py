@@ -269,7 +269,7 @@ SELECT already_seen, leader_seen, leader_in_flight FROM ordering_begin_event(
 
 PG_COMPLETE = _sql("""
 SELECT released_event FROM ordering_complete_event(
-    :scope, :event_id, :owner, :now, :claim_owner, :claim_until)
+    :scope, :event_id, :owner, :now, :claim_owner, :claim_until, :is_follower)
 """)
 
 PG_PARK = _sql("""
@@ -744,6 +744,8 @@ class Store:
         now: datetime,
         claim_owner: str | None,
         claim_until: datetime,
+        *,
+        is_follower: bool = True,
     ) -> list[str]:
         """Mark seen, release our lease, drop our own follower row and, when
         ``claim_owner`` is given, claim and lease the followers waiting on this event.
@@ -757,6 +759,7 @@ class Store:
             "now": now,
             "claim_owner": claim_owner,
             "claim_until": claim_until,
+            "is_follower": is_follower,
         }
         if self.is_postgres:
             return [row[0] for row in await self._fetch(PG_COMPLETE, params)]
@@ -765,7 +768,8 @@ class Store:
             execute(RECORD_SEEN, params)
             if owner is not None:
                 execute(RELEASE, params)
-            execute(FORGET_OWN_FOLLOWER_ROW, params)
+            if is_follower:  # only an event that follows another can have parked
+                execute(FORGET_OWN_FOLLOWER_ROW, params)
             if claim_owner is None:
                 return []
             claimed = [row[0] for row in execute(SQLITE_CLAIM, params)]

@@ -45,6 +45,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;  -- someone else holds a live lease
     END IF;
+    IF NOT p_refuse_seen AND p_follows IS NULL THEN
+        RETURN QUERY SELECT false, false, false;
+        RETURN;
+    END IF;
     -- Checked once the lease is ours, with a fresh snapshot: a copy of this event that
     -- completed while we waited for its lease row (it marks seen and drops the lease in
     -- one transaction) is seen here, so a redelivery is never handled a second time.
@@ -55,6 +59,10 @@ BEGIN
         DELETE FROM ordering_processing_leases l
         WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner;
         RETURN QUERY SELECT true, false, false;
+        RETURN;
+    END IF;
+    IF p_follows IS NULL THEN
+        RETURN QUERY SELECT false, false, false;
         RETURN;
     END IF;
     RETURN QUERY SELECT
@@ -110,7 +118,7 @@ $$
 COMPLETE_EVENT = """
 CREATE OR REPLACE FUNCTION ordering_complete_event(
     p_scope text, p_event_id uuid, p_owner text, p_now timestamptz,
-    p_claim_owner text, p_claim_until timestamptz
+    p_claim_owner text, p_claim_until timestamptz, p_is_follower boolean
 ) RETURNS TABLE (
     released_id uuid, released_occurred timestamptz, released_received timestamptz,
     released_event text
@@ -132,8 +140,10 @@ BEGIN
     IF waited THEN
         PERFORM pg_notify('ordering_seen', p_scope || '/' || p_event_id::text);
     END IF;
-    DELETE FROM ordering_waiting_followers f
-    WHERE f.scope = p_scope AND f.follower_id = p_event_id;
+    IF p_is_follower THEN  -- only an event that follows another can have parked
+        DELETE FROM ordering_waiting_followers f
+        WHERE f.scope = p_scope AND f.follower_id = p_event_id;
+    END IF;
     IF p_claim_owner IS NULL THEN
         RETURN;
     END IF;
@@ -239,7 +249,7 @@ def downgrade() -> None:
         )
         op.execute(
             "DROP FUNCTION ordering_complete_event"
-            "(text, uuid, text, timestamptz, text, timestamptz)"
+            "(text, uuid, text, timestamptz, text, timestamptz, boolean)"
         )
         op.execute(
             "DROP FUNCTION ordering_park_follower"
