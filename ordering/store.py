@@ -22,12 +22,13 @@ lease F at once and hand it to the handler: the two never meet halfway.
 How statements run
 ------------------
 Each statement is written once, with ``:name`` parameters, and rendered per dialect
-(``$1`` for asyncpg).  It runs through ``exec_driver_sql`` on PostgreSQL, which skips
-SQLAlchemy's compile step but still fires its cursor events (the benchmark counts
-statements with them).  On SQLite a whole operation, transaction included, runs in one
-hop to aiosqlite's worker thread instead of three or four hops per statement; the same
-cursor events are fired from there.  Connections are kept checked out in a small free
-list per store, so an operation does not pay for a pool checkout and return.
+(``$1`` for asyncpg).  Connections come from SQLAlchemy's engine and pool, but the hot
+path runs on the driver connections underneath: on PostgreSQL through asyncpg's own
+prepared-statement cache (SQLAlchemy's execute path cost more client CPU than the round
+trip), on SQLite on the event loop's thread (see ``Store._sqlite``).  Either way
+SQLAlchemy's cursor events are fired for every statement, so hooks (the benchmark's
+counters) see them all.  Connections are kept checked out in a small free list per
+store, so an operation does not pay for a pool checkout and return.
 
 Retries
 -------
