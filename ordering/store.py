@@ -594,6 +594,10 @@ class Store:
                     raise
                 # aiosqlite's own executor entry point: one hop for the whole operation.
                 result = await driver._execute(attempt)
+            else:
+                # An operation that never waited must still let other tasks run (the
+                # checkpoint, lease renewals, other consumers): one turn of the loop.
+                await asyncio.sleep(0)
             if write:
                 self._note_write()
             return result
@@ -608,13 +612,16 @@ class Store:
     async def _checkpoint(self) -> None:
         """Move the WAL into the database file, in aiosqlite's thread, on a connection
         of its own: the store's connections turn SQLite's automatic checkpoint off, as
-        it would run (and fsync) inside a commit on the event loop.  PASSIVE never waits
-        for readers or writers; what it cannot copy now, a later one will."""
+        it would run (and fsync) inside a commit on the event loop.  RESTART, not
+        PASSIVE: a PASSIVE checkpoint copies the frames but the WAL was seen to keep
+        growing (writers did not start it over), while RESTART waits out the readers
+        so the next writer does; the store's own writers meanwhile get SQLITE_BUSY and
+        wait in aiosqlite's thread, not on the loop."""
         try:
             held = await self._acquire()
             try:
                 await held.driver._execute(
-                    lambda: held.driver._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    lambda: held.driver._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 )
             finally:
                 await self._give_back(held)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -258,4 +259,23 @@ async def test_sqlite_waits_for_another_writer_without_blocking_the_loop(
     await recording
     ticking.cancel()
     assert await ordering.event_has_been_seen(event)
+    await ordering.clear()
+
+
+async def test_sqlite_wal_is_checkpointed_by_the_store(
+    sqlite_url: str, clock: MutableClock, scope: str
+) -> None:
+    """The store turns SQLite's automatic checkpoint off on its connections (it would
+    fsync inside a commit on the event loop) and checkpoints in aiosqlite's thread
+    instead: the WAL must stay small however many events go through."""
+    ordering = CausalOrdering(scope, url=sqlite_url, clock=clock)
+    wal = Path(sqlite_url.split("///", 1)[1] + "-wal")
+    consumer_events = [make_event(clock) for _ in range(1500)]
+    for event in consumer_events:
+        async with ordering.event_is_processing(event):
+            pass
+    await asyncio.sleep(0.2)  # let the last checkpoint finish
+    # 3,000 commits of a few pages each would be tens of MB without checkpoints
+    size = await asyncio.to_thread(lambda: wal.stat().st_size)
+    assert size < 8 * 1024 * 1024
     await ordering.clear()
