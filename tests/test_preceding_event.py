@@ -385,3 +385,31 @@ async def test_a_park_retried_after_its_reply_was_lost_still_parks(
     assert await store.park(*park)
     await ordering.record_event_as_seen(leader)
     assert await store.park(*park)  # the retry: still parked, not "go ahead"
+
+
+async def test_postgres_notifies_only_for_a_leader_someone_waits_for(
+    postgres_url: str, clock: MutableClock, scope: str
+) -> None:
+    """NOTIFY serializes the commits that send it, so completion sends one only for a
+    lease that a waiting follower marked."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    listener = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, database=url.database
+    )
+    heard: list[str] = []
+    await listener.add_listener("ordering_seen", lambda *args: heard.append(args[-1]))
+    try:
+        ordering = CausalOrdering(scope, url=postgres_url, clock=clock)
+        consumer = Consumer(ordering)
+        unwatched, watched = make_event(clock, name="unwatched"), make_event(clock, name="watched")
+        assert await consumer.consume(unwatched)
+        async with ordering.preceding_event_confirmed(consumer.handler, watched):
+            assert await ordering.store.mark_waiting(scope, watched.id, clock())
+        await asyncio.sleep(0.2)
+        assert heard == [f"{scope}/{watched.id}"]
+    finally:
+        await listener.close()
+        await ordering.clear()
