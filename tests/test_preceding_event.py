@@ -123,6 +123,23 @@ async def test_wait_for_leader_parks_an_early_event(
     assert await ordering.get_followers(leader) == [follower]
 
 
+async def _leader_in_flight(
+    ordering: Ordering, consumer: Consumer, leader: ReceivedEvent, may_finish: asyncio.Event
+) -> asyncio.Task[None]:
+    """The leader, inside its body (holding its lease) until ``may_finish`` is set."""
+    inside = asyncio.Event()
+
+    async def slow_leader() -> None:
+        async with ordering.preceding_event_confirmed(consumer.handler, leader):
+            inside.set()
+            await may_finish.wait()
+            consumer.handled.append(leader)
+
+    task = asyncio.create_task(slow_leader())
+    await inside.wait()
+    return task
+
+
 async def test_a_follower_waits_for_a_leader_in_flight(
     db_url: str, clock: MutableClock, scope: str
 ) -> None:
@@ -130,17 +147,8 @@ async def test_a_follower_waits_for_a_leader_in_flight(
     leader = make_event(clock)
     follower = make_event(clock, follows=leader.id)
     consumer = Consumer(ordering)
-    leader_inside = asyncio.Event()
     leader_may_finish = asyncio.Event()
-
-    async def slow_leader() -> None:
-        async with ordering.preceding_event_confirmed(consumer.handler, leader):
-            leader_inside.set()
-            await leader_may_finish.wait()
-            consumer.handled.append(leader)
-
-    task = asyncio.create_task(slow_leader())
-    await leader_inside.wait()
+    task = await _leader_in_flight(ordering, consumer, leader, leader_may_finish)
     follower_task = asyncio.create_task(consumer.consume(follower))
     await asyncio.sleep(0.1)
     assert not follower_task.done()  # waiting, not parked
@@ -324,17 +332,8 @@ async def test_postgres_wakes_a_waiting_follower_without_polling(
     leader = make_event(clock, name="leader")
     follower = make_event(clock, name="follower", follows=leader.id)
     consumer = Consumer(ordering)
-    leader_inside = asyncio.Event()
     leader_may_finish = asyncio.Event()
-
-    async def slow_leader() -> None:
-        async with ordering.preceding_event_confirmed(consumer.handler, leader):
-            leader_inside.set()
-            await leader_may_finish.wait()
-            consumer.handled.append(leader)
-
-    task = asyncio.create_task(slow_leader())
-    await leader_inside.wait()
+    task = await _leader_in_flight(ordering, consumer, leader, leader_may_finish)
     follower_task = asyncio.create_task(consumer.consume(follower))
     await asyncio.sleep(0.2)  # the follower is waiting (and, on PostgreSQL, has marked the lease)
     assert not follower_task.done()
