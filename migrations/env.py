@@ -58,8 +58,4 @@ if context.is_offline_mode():
     with context.begin_transaction():
         context.run_migrations()
 else:
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _run(connection)
-    else:
-        asyncio.run(_run_async())
+    asyncio.run(_run_async())

@@ -247,11 +247,9 @@ class CausalOrdering(Generic[E]):
     # -- seen -----------------------------------------------------------------------
 
     async def event_has_been_seen(self, event: UUID | E) -> bool:
-        now = self._now()
-        seen, _ = await self.store.leader_status(
-            self.scope, _event_id(event), now, now - self.seen_expiration
+        return await self.store.seen(
+            self.scope, _event_id(event), self._now() - self.seen_expiration
         )
-        return seen
 
     async def record_event_as_seen(self, event: E) -> None:
         await self.store.record_seen(self.scope, event.id, self._now())  # type: ignore[attr-defined]
@@ -420,19 +418,18 @@ class CausalOrdering(Generic[E]):
         return self._load(rows)
 
     def _declared_leader(self, event: Any) -> UUID:
-        if event.follows is None or event.follows == event.id:
+        if not _is_follower(event):
             raise ValueError(f"event {event.id} does not follow another event")
         return event.follows  # type: ignore[no-any-return]
 
     def _leader_to_wait_for(self, event: Any, now: datetime) -> UUID | None:
         """The leader this event must wait for, or None if it may go now."""
-        follows: UUID | None = event.follows
-        if follows is None or follows == event.id:
+        if not _is_follower(event):
             return None
         # Too old for our bookkeeping of its leader to be trusted: send it.
         if now - event.received >= self.preceding_event_lookback:
             return None
-        return follows
+        return event.follows  # type: ignore[no-any-return]
 
     # -- waiting for leaders --------------------------------------------------------
 
@@ -483,7 +480,7 @@ class CausalOrdering(Generic[E]):
             if waiter.notified_by_database and not await store.mark_waiting(
                 self.scope, leader, self._now()
             ):
-                return await self._leader_seen(leader)  # no live lease any more
+                return await self.event_has_been_seen(leader)  # no live lease any more
             while (remaining := deadline - loop.time()) > 0:
                 await waiter.wait(min(self.poll_interval, remaining))
                 now = self._now()
@@ -498,13 +495,6 @@ class CausalOrdering(Generic[E]):
             event, "timed out waiting for its in-flight leader %s, will treat as lost", leader
         )
         return False
-
-    async def _leader_seen(self, leader: UUID) -> bool:
-        now = self._now()
-        seen, _ = await self.store.leader_status(
-            self.scope, leader, now, now - self.seen_expiration
-        )
-        return seen
 
     # -- the consumer's entry point -------------------------------------------------
 

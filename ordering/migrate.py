@@ -10,7 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from .engine import resolve_url
 from .schema import VERSION_TABLE
@@ -55,26 +55,6 @@ def upgrade_sql(url: str | None = None, revision: str = "head") -> str:
     config.output_buffer = buffer
     command.upgrade(config, revision, sql=True)
     return buffer.getvalue()
-
-
-def _run_with_connection(
-    connection: Connection, config: Config, action: str, revision: str
-) -> None:
-    config.attributes["connection"] = connection
-    getattr(command, action)(config, revision)
-
-
-async def upgrade_async(engine: AsyncEngine, revision: str = "head") -> None:
-    """``upgrade`` on an async engine, from inside a running event loop."""
-    config = alembic_config(engine.url.render_as_string(hide_password=False))
-    async with engine.begin() as connection:
-        await connection.run_sync(_run_with_connection, config, "upgrade", revision)
-
-
-async def downgrade_async(engine: AsyncEngine, revision: str = "base") -> None:
-    config = alembic_config(engine.url.render_as_string(hide_password=False))
-    async with engine.begin() as connection:
-        await connection.run_sync(_run_with_connection, config, "downgrade", revision)
 
 
 def _current(connection: Connection) -> str | None:

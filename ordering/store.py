@@ -280,11 +280,6 @@ SELECT ordering_park_follower(
 
 # -- SQLite: the same work as the functions, inside BEGIN IMMEDIATE --------------
 
-SQLITE_LEADER_SEEN = _sql("""
-SELECT EXISTS (SELECT 1 FROM ordering_seen_events
-               WHERE scope = :scope AND event_id = :leader_id AND seen_at > :seen_after)
-""")
-
 # Parking gives up the lease: if ours is gone, an earlier attempt of this very park
 # committed (its reply was lost), and the event is parked, not free to go.
 SQLITE_STILL_LEASED = _sql("""
@@ -730,6 +725,10 @@ class Store:
         params = {"scope": scope, "leader_id": leader_id, "now": now}
         return bool(await self._fetch(MARK_WAITING, params))
 
+    async def seen(self, scope: str, event_id: UUID, seen_after: datetime) -> bool:
+        params = {"scope": scope, "event_id": event_id, "seen_after": seen_after}
+        return bool((await self._fetch(SEEN, params))[0][0])
+
     async def release(self, scope: str, event_id: UUID, owner: str) -> None:
         await self._fetch(RELEASE, {"scope": scope, "event_id": event_id, "owner": owner})
 
@@ -819,7 +818,7 @@ class Store:
             return bool((await self._fetch(PG_PARK, params))[0][0])
 
         def work(execute: Callable[[Statement, Params], Rows]) -> bool:
-            if execute(SQLITE_LEADER_SEEN, params)[0][0]:
+            if execute(SEEN, {**params, "event_id": leader_id})[0][0]:
                 return not execute(SQLITE_STILL_LEASED, params)[0][0]
             execute(RECORD_FOLLOWER, params)
             execute(RELEASE, params)

@@ -36,7 +36,7 @@ class MutableClock:
 
 
 def make_event(
-    clock: MutableClock,
+    clock: Callable[[], datetime],
     *,
     name: str = "test.event",
     follows: UUID | None = None,

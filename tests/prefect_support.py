@@ -18,10 +18,12 @@ import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from prefect.server.events.ordering import EventArrivedEarly, get_triggers_causal_ordering
 from prefect.server.events.schemas.events import ReceivedEvent
+
+from .helpers import make_event
 
 #: The import path Prefect's setting takes to use our ordering.
 OUR_ORDERING = "ordering.prefect"
@@ -34,16 +36,10 @@ def prefect_event(
     follows: UUID | None = None,
     occurred: datetime | None = None,
 ) -> ReceivedEvent:
-    """A Prefect ``ReceivedEvent``, received now by ``clock``."""
-    now = clock()
-    return ReceivedEvent(
-        occurred=occurred or now,
-        event=name,
-        resource={"prefect.resource.id": f"prefect.test.{name}"},
-        id=uuid4(),
-        follows=follows,
-        received=now,
-    )
+    """A Prefect ``ReceivedEvent``, received now by ``clock``: ours, read back through
+    the JSON both share."""
+    ours = make_event(clock, name=name, follows=follows, occurred=occurred)
+    return ReceivedEvent.model_validate_json(ours.model_dump_json())
 
 
 def causal_graph(clock: Callable[[], datetime]) -> list[ReceivedEvent]:

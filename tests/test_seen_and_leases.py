@@ -18,6 +18,7 @@ from ordering import (
     EventBeingProcessed,
     ReceivedEvent,
 )
+from ordering.causal import dispose_engines
 from ordering.schema import seen_events
 
 from .helpers import MutableClock, make_event, real_clock, run_in_threads
@@ -279,3 +280,17 @@ async def test_sqlite_wal_is_checkpointed_by_the_store(
     size = await asyncio.to_thread(lambda: wal.stat().st_size)
     assert size < 8 * 1024 * 1024
     await ordering.clear()
+
+
+async def test_orderings_built_per_event_share_one_store_and_open_nothing(
+    db_url: str, scope: str
+) -> None:
+    """Prefect builds an ordering for every event: construction does no I/O and every
+    instance on a URL shares one engine and pool (per event loop)."""
+    from ordering.causal import _stores
+
+    await dispose_engines()
+    orderings = [CausalOrdering(f"{scope}-{i}", url=db_url) for i in range(1000)]
+    assert _stores.current() == []  # nothing opened yet
+    assert len({id(o.store) for o in orderings}) == 1
+    assert len({id(o.store.engine) for o in orderings}) == 1
