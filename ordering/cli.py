@@ -14,14 +14,16 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, TypeVar
 from uuid import UUID
 
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import admin, migrate
@@ -116,120 +118,107 @@ def _time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-@dataclass(frozen=True)
-class Column:
-    group: str
-    header: str
-    right: bool = False
+# Plain columns two spaces apart, no box, no colour but bold headings on a terminal:
+# what `grep`, `cut` and a pager read as easily as a person.
+def _table(headers: Sequence[str], right: Collection[str] = ()) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for header in headers:
+        table.add_column(header, justify="right" if header in right else "left", no_wrap=True)
+    return table
 
 
-def format_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> str:
-    """Columns under optional group headings, numbers right-aligned, two spaces apart."""
-    widths = [max([len(c.header), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
-    # Widen a group's last column when its heading is wider than its columns.
-    spans: list[tuple[str, int, int]] = []  # (group, first, last)
-    for i, c in enumerate(columns):
-        if spans and spans[-1][0] == c.group:
-            spans[-1] = (c.group, spans[-1][1], i)
-        else:
-            spans.append((c.group, i, i))
-    for group, first, last in spans:
-        span = sum(widths[first : last + 1]) + 2 * (last - first)
-        if len(group) > span:
-            widths[last] += len(group) - span
-
-    def line(cells: Sequence[str], align: Sequence[bool]) -> str:
-        parts = [
-            cell.rjust(w) if right else cell.ljust(w)
-            for cell, w, right in zip(cells, widths, align, strict=True)
-        ]
-        return "  ".join(parts).rstrip()
-
-    out = []
-    if any(c.group for c in columns):
-        heading = []
-        for group, first, last in spans:
-            span = sum(widths[first : last + 1]) + 2 * (last - first)
-            heading.append(group.ljust(span))
-        out.append("  ".join(heading).rstrip())
-    out.append(line([c.header for c in columns], [c.right for c in columns]))
-    out.extend(line(row, [c.right for c in columns]) for row in rows)
-    return "\n".join(out)
+def print_table(table: Table) -> None:
+    """Print at the table's natural width, whatever the terminal's: rich would otherwise
+    squeeze it to 80 columns when piped, and cut ids short; a line longer than the
+    terminal wraps as any long line does.  Trailing padding is dropped."""
+    console = Console(markup=False, emoji=False, highlight=False)  # values are never markup
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    console.width = max(console.width, natural)
+    with console.capture() as captured:
+        console.print(table)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
-STATUS_COLUMNS = (
-    Column("", "scope"),
-    Column("seen events", "live", right=True),
-    Column("seen events", "expired", right=True),
-    Column("leases", "live", right=True),
-    Column("leases", "expired", right=True),
-    Column("waiting followers", "unclaimed", right=True),
-    Column("waiting followers", "claimed", right=True),
-    Column("waiting followers", "claim expired", right=True),
-    Column("waiting followers", "past lookback", right=True),
-    Column("oldest waiting follower", "age", right=True),
-    Column("oldest waiting follower", "waits for leader"),
+#: Column groups of `ordering status`, and the columns under each.
+STATUS_GROUPS = (
+    ("", ("scope",)),
+    ("seen events", ("live", "expired")),
+    ("leases", ("live", "expired")),
+    ("waiting followers", ("unclaimed", "claimed", "claim expired", "past lookback")),
+    ("oldest waiting follower", ("age", "waits for leader")),
+)
+STATUS_TEXT_COLUMNS = frozenset({"scope", "waits for leader"})  # the others are right-aligned
+
+
+def _status_row(s: admin.ScopeStatus) -> list[str]:
+    counts = (
+        s.seen_live,
+        s.seen_expired,
+        s.leases_live,
+        s.leases_expired,
+        s.waiting_unclaimed,
+        s.waiting_claimed,
+        s.waiting_claim_expired,
+        s.waiting_past_lookback,
+    )
+    oldest = s.oldest_waiting
+    return [
+        s.scope,
+        *(str(n) for n in counts),
+        "-" if oldest is None else _age(oldest.age),
+        "-" if oldest is None else str(oldest.leader_id),
+    ]
+
+
+def status_table(scopes: Sequence[admin.ScopeStatus]) -> Table:
+    """One row per scope, its columns under group headings.  rich has no cell that spans
+    columns, so each group is a table of its own (every scope, the group's columns),
+    set side by side in the one row of an outer table whose headings are the groups'.
+    Cells never wrap, so the inner tables' rows stay level."""
+    rows = [_status_row(s) for s in scopes]
+    outer = _table([group for group, _ in STATUS_GROUPS])
+    groups = []
+    first = 0
+    for _, headers in STATUS_GROUPS:
+        right = [h for h in headers if h not in STATUS_TEXT_COLUMNS]
+        group = _table(headers, right)
+        for row in rows:
+            group.add_row(*row[first : first + len(headers)])
+        first += len(headers)
+        groups.append(group)
+    outer.add_row(*groups)
+    return outer
+
+
+FOLLOWER_HEADERS = (
+    "scope",
+    "occurred",
+    "event",
+    "follower id",
+    "waits for leader",
+    "waiting",
+    "state",
 )
 
 
-def format_status(scopes: Sequence[admin.ScopeStatus]) -> str:
-    rows = []
-    for s in scopes:
-        oldest = s.oldest_waiting
-        rows.append(
-            [
-                s.scope,
-                *(
-                    str(n)
-                    for n in (
-                        s.seen_live,
-                        s.seen_expired,
-                        s.leases_live,
-                        s.leases_expired,
-                        s.waiting_unclaimed,
-                        s.waiting_claimed,
-                        s.waiting_claim_expired,
-                        s.waiting_past_lookback,
-                    )
-                ),
-                "-" if oldest is None else _age(oldest.age),
-                "-" if oldest is None else str(oldest.leader_id),
-            ]
-        )
-    return format_table(STATUS_COLUMNS, rows)
-
-
-FOLLOWER_COLUMNS = (
-    Column("", "scope"),
-    Column("", "occurred"),
-    Column("", "event"),
-    Column("", "follower id"),
-    Column("", "waits for leader"),
-    Column("", "waiting", right=True),
-    Column("", "state"),
-)
-
-
-def format_followers(followers: Sequence[admin.WaitingFollower], now: datetime) -> str:
-    rows = []
+def followers_table(followers: Sequence[admin.WaitingFollower], now: datetime) -> Table:
+    table = _table(FOLLOWER_HEADERS, right={"waiting"})
     for f in followers:
         state = f.state(now)
         if f.is_lost(now):
             state += ", lost (get_lost_followers would hand it out)"
         if f.claimed_by is not None and f.claimed_until is not None:
             state += f" by {f.claimed_by} until {_time(f.claimed_until)}"
-        rows.append(
-            [
-                f.scope,
-                _time(f.occurred),
-                f.event_name or "?",
-                str(f.follower_id),
-                str(f.leader_id),
-                _age(now - f.received),
-                state,
-            ]
+        table.add_row(
+            f.scope,
+            _time(f.occurred),
+            f.event_name or "?",
+            str(f.follower_id),
+            str(f.leader_id),
+            _age(now - f.received),
+            state,
         )
-    return format_table(FOLLOWER_COLUMNS, rows)
+    return table
 
 
 def _print_json(value: Any) -> None:
@@ -288,7 +277,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("(no scope holds any rows)")
         return 0
     print()
-    print(format_status(scopes))
+    print_table(status_table(scopes))
     print(
         f"\nSeen events count as seen for {_minutes_of(SEEN_EXPIRATION)} minutes. Followers "
         f"past the {_minutes_of(PRECEDING_EVENT_LOOKBACK)}-minute lookback, and claims that\n"
@@ -315,7 +304,7 @@ def cmd_followers(args: argparse.Namespace) -> int:
     if not followers:
         print("no waiting followers" + (" past the lookback" if args.lost else ""))
         return 0
-    print(format_followers(followers, now))
+    print_table(followers_table(followers, now))
     return 0
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -271,10 +272,30 @@ def test_status_after_the_demo(db_url: str, capsys: pytest.CaptureFixture[str]) 
     assert demo["oldest_waiting"]["event"] == "orphan.step-2"
 
     assert main(["status", "--url", db_url, "--scope", "demo"]) == 0
-    table = capsys.readouterr().out
-    assert "seen events" in table and "waiting followers" in table
-    [row] = [line for line in table.splitlines() if line.startswith("demo ")]
+    lines = capsys.readouterr().out.splitlines()
+    [groups] = [line for line in lines if "seen events" in line]
+    [headers] = [line for line in lines if line.startswith("scope ")]
+    [row] = [line for line in lines if line.startswith("demo ")]
+    assert re.split(r"\s{2,}", headers) == [
+        "scope",
+        "live",
+        "expired",
+        "live",
+        "expired",
+        "unclaimed",
+        "claimed",
+        "claim expired",
+        "past lookback",
+        "age",
+        "waits for leader",
+    ]
     assert row.split()[1:9] == ["12", "0", "0", "0", "1", "0", "0", "0"]
+    assert row.split()[-1] == demo["oldest_waiting"]["leader_id"]
+    # Each group's heading starts over its first column; numbers end under their header.
+    for group, first in [("seen events", "live"), ("waiting followers", "unclaimed")]:
+        assert groups.index(group) == headers.index(first)
+    assert row.index("12") + 2 == headers.index("live") + 4
+    assert all(line == line.rstrip() for line in lines)
 
 
 def test_followers_lists_filters_and_prints_json(
@@ -306,9 +327,27 @@ def test_followers_lists_filters_and_prints_json(
         assert main([*base, "--lost", "--now", "2026-01-05T09:01:00Z"]) == 0
         assert capsys.readouterr().out.strip() == "no waiting followers past the lookback"
         assert main([*base, "--lost", "--now", "2026-01-05T09:16:00Z"]) == 0
-        table = capsys.readouterr().out
-        assert table.count("lost (get_lost_followers would hand it out)") == 3
-        assert "first" in table and str(leader) in table
+        headers, *rows = capsys.readouterr().out.splitlines()
+        assert re.split(r"\s{2,}", headers) == [
+            "scope",
+            "occurred",
+            "event",
+            "follower id",
+            "waits for leader",
+            "waiting",
+            "state",
+        ]
+        assert len(rows) == 3
+        assert re.split(r"\s{2,}", rows[0]) == [
+            scope,
+            "2026-01-05 09:00:00",
+            "first",
+            str(first.id),
+            str(leader),
+            "16m 00s",
+            "waiting, lost (get_lost_followers would hand it out)",
+        ]
+        assert all("lost (get_lost_followers would hand it out)" in row for row in rows)
     finally:
         _clear(db_url, scope)
 
