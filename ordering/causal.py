@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 from uuid import UUID
 
 from pydantic import BaseModel
@@ -31,7 +31,21 @@ from .constants import (
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
 )
-from .engine import EngineRegistry, resolve_url
+from .backends import (
+    Backend,
+    BeginRequest,
+    Begun,
+    Claim,
+    CompleteRequest,
+    FollowerRow,
+    ParkRequest,
+    Refused,
+    backend_for,
+    dispose_backends,
+    urls_opened,
+)
+from .engine import resolve_url
+from .events import EventModel, OrderedEvent, as_uuid, checked_event, event_id, is_follower
 from .exceptions import (
     EventAlreadyProcessed,
     EventArrivedEarly,
@@ -39,12 +53,12 @@ from .exceptions import (
     MaxDepthExceeded,
 )
 from .models import ReceivedEvent, utc_now
-from .store import Begun, Refused, Store
+from .schema import resolve_schema
 
 logger = logging.getLogger("ordering")
 
-E = TypeVar("E", bound=BaseModel)
-E_contra = TypeVar("E_contra", bound=BaseModel, contravariant=True)
+E = TypeVar("E", bound=OrderedEvent)
+E_contra = TypeVar("E_contra", bound=OrderedEvent, contravariant=True)
 
 
 class EventHandler(Protocol[E_contra]):
@@ -63,64 +77,58 @@ def _new_owner() -> str:
     return f"{WORKER_ID}:{next(_owner_serial)}"
 
 
-_stores = EngineRegistry()
-
-
 @dataclass
-class _Held:
-    """A follower's lease that a leader took on this task's behalf."""
+class _Lease:
+    """A processing lease this task holds."""
 
     owner: str
+    #: Taken by a leader's completion on this task's behalf, for a released follower
+    #: it hands to the handler: ``preceding_event_confirmed`` for that follower uses
+    #: it instead of taking (and failing to take) a lease of its own.
+    released_by_leader: bool = False
+    #: Set when such a follower went through ``preceding_event_confirmed`` to the end.
     completed: bool = False
 
 
-#: Leases this task holds for released followers: a handler that re-enters
-#: ``preceding_event_confirmed`` for such a follower uses the lease instead of
-#: taking (and failing to take) a second one.
-_held: contextvars.ContextVar[Mapping[tuple[str, str, UUID], _Held]] = contextvars.ContextVar(
-    "ordering_held_leases", default=MappingProxyType({})
+_LeaseKey = tuple[str, str, UUID]
+
+#: The leases the running task holds, by (database, scope, event id).  Entries are
+#: added and removed by key, never by resetting the variable, so nested uses do not
+#: undo each other; a task that ends takes its entries with it.
+_task_leases: contextvars.ContextVar[Mapping[_LeaseKey, _Lease]] = contextvars.ContextVar(
+    "ordering_task_leases", default=MappingProxyType({})
 )
 
-#: Leases taken by ``record_event_as_processing``, for ``forget_event_is_processing``.
-_process_leases: dict[tuple[str, str, UUID], str] = {}
+
+def _hold(key: _LeaseKey, lease: _Lease) -> None:
+    _task_leases.set(MappingProxyType({**_task_leases.get(), key: lease}))
+
+
+def _let_go(key: _LeaseKey, lease: _Lease) -> None:
+    current = _task_leases.get()
+    if current.get(key) is lease:
+        _task_leases.set(MappingProxyType({k: v for k, v in current.items() if k != key}))
 
 
 _EVENT_FIELDS = frozenset({"id", "follows", "occurred", "received"})
 
 
 def _is_event_model(event_type: Any) -> bool:
-    return (
-        isinstance(event_type, type)
-        and issubclass(event_type, BaseModel)
-        and _EVENT_FIELDS.issubset(event_type.model_fields)
-    )
-
-
-def _follower_times(event: Any) -> tuple[datetime, datetime]:
-    """(occurred, received), refusing naive datetimes from models that allow them."""
-    for name in ("occurred", "received"):
-        value = getattr(event, name)
-        if not isinstance(value, datetime) or value.tzinfo is None:
-            raise ValueError(
-                f"event {event.id}: {name} must be an aware UTC datetime, not {value!r}"
-            )
-    return event.occurred, event.received
-
-
-def _is_follower(event: Any) -> bool:
-    """Whether the event follows another (only such an event can have been parked)."""
-    return event.follows is not None and event.follows != event.id
-
-
-def _event_id(event: Any) -> UUID:
-    return event if isinstance(event, UUID) else event.id
+    if not isinstance(event_type, type) or not callable(
+        getattr(event_type, "model_validate_json", None)
+    ):
+        return False
+    if issubclass(event_type, BaseModel):
+        return _EVENT_FIELDS.issubset(event_type.model_fields)
+    return True
 
 
 class CausalOrdering(Generic[E]):
     """Keeps events in causal order, with its state in a SQL database.
 
     Construction is cheap and does no I/O: every instance on the same URL shares one
-    engine and pool (per event loop).  Time comes from ``clock``; tests pass their own.
+    backend and its connections (per event loop).  Time comes from ``clock``; tests
+    pass their own.
     """
 
     @overload
@@ -138,6 +146,7 @@ class CausalOrdering(Generic[E]):
         lease_duration: timedelta = ...,
         poll_interval: float = ...,
         notify: bool = ...,
+        schema: str | None = ...,
     ) -> None: ...
 
     @overload
@@ -155,6 +164,7 @@ class CausalOrdering(Generic[E]):
         lease_duration: timedelta = ...,
         poll_interval: float = ...,
         notify: bool = ...,
+        schema: str | None = ...,
     ) -> None: ...
 
     def __init__(
@@ -171,6 +181,7 @@ class CausalOrdering(Generic[E]):
         lease_duration: timedelta = LEASE_DURATION,
         poll_interval: float = 0.25,
         notify: bool = True,
+        schema: str | None = None,
     ) -> None:
         if not isinstance(scope, str) or not scope or len(scope) > 200:
             raise ValueError(
@@ -193,13 +204,18 @@ class CausalOrdering(Generic[E]):
             raise ValueError(f"poll_interval must be positive, not {poll_interval}")
         if event_type is not None and not _is_event_model(event_type):
             raise ValueError(
-                f"event_type must be a pydantic model with the fields {sorted(_EVENT_FIELDS)}, "
+                f"event_type must be a model class with model_validate_json and the fields "
+                f"{sorted(_EVENT_FIELDS)}, "
                 f"not {event_type!r}"
             )
         self.scope = scope
         self.url = resolve_url(url)
         self.clock: Callable[[], datetime] = clock or utc_now
         self.event_type: type[Any] = event_type or ReceivedEvent
+        # The overloads tie E to event_type (ReceivedEvent when none is given).
+        self._parse = cast(EventModel[E], self.event_type)
+        #: The PostgreSQL schema of the store's objects (ignored on SQLite).
+        self.schema = resolve_schema(schema)
         self.preceding_event_lookback = preceding_event_lookback
         self.seen_expiration = seen_expiration
         self.max_depth = max_depth
@@ -207,24 +223,31 @@ class CausalOrdering(Generic[E]):
         self.lease_duration = lease_duration
         self.poll_interval = poll_interval
         self.notify = notify
+        self._key_prefix = f"{self.url}#{self.schema}"
 
     # -- plumbing -----------------------------------------------------------------
 
     @property
-    def store(self) -> Store:
-        """The shared store for this URL on the running event loop."""
-        return _stores.get(self.url, Store)  # type: ignore[no-any-return]
+    def backend(self) -> Backend:
+        """The shared backend for this URL on the running event loop."""
+        return backend_for(self.url, self.schema)
 
     def _now(self) -> datetime:
         now = self.clock()
-        if now.tzinfo is None:
-            raise ValueError("the clock returned a naive datetime; it must return aware UTC")
+        if not isinstance(now, datetime) or now.tzinfo is None:
+            raise ValueError(f"the clock must return an aware UTC datetime, not {now!r}")
         return now
 
     def _load(self, rows: Iterable[str]) -> list[E]:
-        events = [self.event_type.model_validate_json(row) for row in rows]
+        events = [self._parse.model_validate_json(row) for row in rows]
         events.sort(key=lambda e: (e.occurred, e.received, e.id))
         return events
+
+    def _key(self, event_id: UUID) -> _LeaseKey:
+        return (self._key_prefix, self.scope, event_id)
+
+    def _lease_of(self, event_id: UUID) -> _Lease | None:
+        return _task_leases.get().get(self._key(event_id))
 
     def _log(self, event: Any, message: str, *args: Any, level: int = logging.INFO) -> None:
         resource = getattr(event, "resource", None)
@@ -246,49 +269,59 @@ class CausalOrdering(Generic[E]):
 
     # -- seen -----------------------------------------------------------------------
 
-    async def event_has_been_seen(self, event: UUID | E) -> bool:
-        return await self.store.seen(
-            self.scope, _event_id(event), self._now() - self.seen_expiration
+    async def event_has_been_seen(self, event: UUID | str | E) -> bool:
+        """Whether the event (or event id) was processed within the seen expiration."""
+        seen_id = event_id(event)
+        return await self.backend.seen(
+            scope=self.scope, event_id=seen_id, seen_after=self._now() - self.seen_expiration
         )
 
     async def record_event_as_seen(self, event: E) -> None:
-        await self.store.record_seen(self.scope, event.id, self._now())  # type: ignore[attr-defined]
+        seen_id = event_id(event)
+        await self.backend.record_seen(scope=self.scope, event_id=seen_id, now=self._now())
 
     # -- processing leases --------------------------------------------------------
 
     async def record_event_as_processing(self, event: E) -> bool:
-        """Take the event's processing lease; False if another holder has a live one."""
+        """Take the event's processing lease for this task; False if another holder
+        has a live one.  ``forget_event_is_processing``, from the same task, gives it
+        back (else it expires after ``lease_duration``)."""
+        lease_id = event_id(event)
         owner = _new_owner()
         now = self._now()
-        event_id: UUID = event.id  # type: ignore[attr-defined]
-        taken = await self.store.begin(
-            self.scope,
-            event_id,
-            None,
-            owner,
-            now,
-            now + self.lease_duration,
-            now,
-            refuse_seen=False,  # the seed's guard is about processing only
+        taken = await self.backend.begin(
+            BeginRequest(
+                scope=self.scope,
+                event_id=lease_id,
+                follows=None,
+                owner=owner,
+                now=now,
+                expires_at=now + self.lease_duration,
+                seen_after=now,
+                refuse_seen=False,  # Prefect's processing guard is about processing only
+            )
         )
         if not isinstance(taken, Begun):
             return False
-        _process_leases[(self.url, self.scope, event_id)] = owner
+        _hold(self._key(lease_id), _Lease(owner))
         return True
 
-    async def event_has_started_processing(self, event: UUID | E) -> bool:
+    async def event_has_started_processing(self, event: UUID | str | E) -> bool:
         now = self._now()
-        _, in_flight = await self.store.leader_status(self.scope, _event_id(event), now, now)
-        return in_flight
+        status = await self.backend.leader_status(
+            scope=self.scope, leader_id=event_id(event), now=now, seen_after=now
+        )
+        return status.in_flight
 
     async def forget_event_is_processing(self, event: E) -> None:
-        """Release the lease this process took with ``record_event_as_processing``."""
-        event_id: UUID = event.id  # type: ignore[attr-defined]
-        owner = _process_leases.pop((self.url, self.scope, event_id), None)
-        if owner is not None:
-            await self.store.release(self.scope, event_id, owner)
-        else:
-            logger.debug("no lease of this process to forget for %s", event_id)
+        """Release the lease this task took with ``record_event_as_processing``."""
+        lease_id = event_id(event)
+        lease = self._lease_of(lease_id)
+        if lease is None or lease.released_by_leader:
+            logger.debug("no lease of this task to forget for %s", lease_id)
+            return
+        _let_go(self._key(lease_id), lease)
+        await self.backend.release(scope=self.scope, event_id=lease_id, owner=lease.owner)
 
     @asynccontextmanager
     async def event_is_processing(self, event: E) -> AsyncIterator[None]:
@@ -296,50 +329,55 @@ class CausalOrdering(Generic[E]):
 
         Raises EventBeingProcessed when another holder has a live lease.
         """
-        if self._held(event) is not None:
+        event = checked_event(event)
+        held = self._lease_of(event.id)
+        if held is not None and held.released_by_leader:
             yield  # a leader released this follower to us: its lease is already ours
             return
         owner = _new_owner()
         now = self._now()
-        event_id: UUID = event.id  # type: ignore[attr-defined]
         await self._take_lease(event, owner, now, None)
-        key = (self.url, self.scope, event_id)
-        _process_leases[key] = owner  # so that wait_for_leader can give it up when parking
+        lease = _Lease(owner)
+        _hold(self._key(event.id), lease)  # so that wait_for_leader gives it up when parking
         done = False
         try:
             async with self._keep_alive(owner):
                 yield
-            await self.store.complete(
-                self.scope,
-                event_id,
-                owner,
-                self._now(),
-                None,
-                now,
-                is_follower=_is_follower(event),
+            await self.backend.complete(
+                CompleteRequest(
+                    scope=self.scope,
+                    event_id=event.id,
+                    lease_owner=owner,
+                    now=self._now(),
+                    claim=None,
+                    is_follower=is_follower(event),
+                )
             )
             done = True
         except EventArrivedEarly as early:
-            done = _event_id(early.event) == event_id  # parking released the lease
+            done = _parked_here(early, event.id)  # parking released the lease
             raise
         finally:
-            if _process_leases.get(key) == owner:
-                del _process_leases[key]
+            _let_go(self._key(event.id), lease)
             if not done:
-                await _shielded(self.store.release(self.scope, event_id, owner))
+                await _shielded(
+                    self.backend.release(scope=self.scope, event_id=event.id, owner=owner)
+                )
 
     async def _take_lease(
-        self, event: Any, owner: str, now: datetime, leader: UUID | None
+        self, event: OrderedEvent, owner: str, now: datetime, leader: UUID | None
     ) -> Begun:
         """Lease the event (and look at its leader), or raise why not."""
-        taken = await self.store.begin(
-            self.scope,
-            event.id,
-            leader,
-            owner,
-            now,
-            now + self.lease_duration,
-            now - self.seen_expiration,
+        taken = await self.backend.begin(
+            BeginRequest(
+                scope=self.scope,
+                event_id=event.id,
+                follows=leader,
+                owner=owner,
+                now=now,
+                expires_at=now + self.lease_duration,
+                seen_after=now - self.seen_expiration,
+            )
         )
         if taken is Refused.ALREADY_SEEN:
             self._log(event, "was processed already")
@@ -349,9 +387,6 @@ class CausalOrdering(Generic[E]):
             raise EventBeingProcessed(event)
         assert isinstance(taken, Begun)
         return taken
-
-    def _held(self, event: Any) -> _Held | None:
-        return _held.get().get((self.url, self.scope, event.id))
 
     @asynccontextmanager
     async def _keep_alive(self, owner: str) -> AsyncIterator[None]:
@@ -363,10 +398,13 @@ class CausalOrdering(Generic[E]):
         loop = asyncio.get_running_loop()
         interval = self.lease_duration.total_seconds() / 3
         tasks: set[asyncio.Task[None]] = set()
+        backend = self.backend
 
         async def renew() -> None:
             try:
-                await self.store.renew(self.scope, owner, self._now() + self.lease_duration)
+                await backend.renew(
+                    scope=self.scope, owner=owner, expires_at=self._now() + self.lease_duration
+                )
             except Exception:
                 logger.warning("could not renew lease %s", owner, exc_info=True)
 
@@ -388,108 +426,128 @@ class CausalOrdering(Generic[E]):
 
     async def record_follower(self, event: E) -> None:
         """Remember that this event waits for the event it follows."""
+        event = checked_event(event)
         leader = self._declared_leader(event)
-        await self.store.record_follower(
-            self.scope,
-            event.id,  # type: ignore[attr-defined]
-            leader,
-            *_follower_times(event),
-            event.model_dump_json(),
+        await self.backend.record_follower(
+            FollowerRow(
+                scope=self.scope,
+                event_id=event.id,
+                leader_id=leader,
+                occurred=event.occurred,
+                received=event.received,
+                event_json=event.model_dump_json(),
+            )
         )
 
     async def forget_follower(self, follower: E) -> None:
-        await self.store.forget_follower(self.scope, follower.id)  # type: ignore[attr-defined]
+        await self.backend.forget_follower(
+            scope=self.scope, event_id=event_id(follower, "follower")
+        )
 
     async def get_followers(self, leader: E) -> list[E]:
         """The events waiting for this leader, in the order they occurred."""
-        return self._load(await self.store.followers_of(self.scope, leader.id))  # type: ignore[attr-defined]
+        leader_id = event_id(leader, "leader")
+        return self._load(await self.backend.followers_of(scope=self.scope, leader_id=leader_id))
 
-    async def followers_by_id(self, follower_ids: Sequence[UUID]) -> list[E]:
+    async def followers_by_id(self, follower_ids: Sequence[UUID | str]) -> list[E]:
         """The waiting events with these ids, in the order they occurred."""
-        return self._load(await self.store.followers_by_id(self.scope, list(follower_ids)))
+        if isinstance(follower_ids, (str, UUID)) or not isinstance(follower_ids, Iterable):
+            raise TypeError(f"follower_ids must be a sequence of UUIDs, not {follower_ids!r}")
+        ids = [as_uuid(value, "follower_ids[]") for value in follower_ids]
+        return self._load(await self.backend.followers_by_id(scope=self.scope, ids=ids))
 
     async def get_lost_followers(self) -> list[E]:
         """Hand out, once, followers whose leader never came within the lookback, and
         released followers whose handler died before finishing them."""
         now = self._now()
-        rows = await self.store.take_lost_followers(
-            self.scope, now - self.preceding_event_lookback, now
+        rows = await self.backend.take_lost_followers(
+            scope=self.scope, cutoff=now - self.preceding_event_lookback, now=now
         )
         return self._load(rows)
 
-    def _declared_leader(self, event: Any) -> UUID:
-        if not _is_follower(event):
+    def _declared_leader(self, event: OrderedEvent) -> UUID:
+        if event.follows is None or not is_follower(event):
             raise ValueError(f"event {event.id} does not follow another event")
-        return event.follows  # type: ignore[no-any-return]
+        return event.follows
 
-    def _leader_to_wait_for(self, event: Any, now: datetime) -> UUID | None:
+    def _leader_to_wait_for(self, event: OrderedEvent, now: datetime) -> UUID | None:
         """The leader this event must wait for, or None if it may go now."""
-        if not _is_follower(event):
+        if event.follows is None or not is_follower(event):
             return None
         # Too old for our bookkeeping of its leader to be trusted: send it.
         if now - event.received >= self.preceding_event_lookback:
             return None
-        return event.follows  # type: ignore[no-any-return]
+        return event.follows
 
     # -- waiting for leaders --------------------------------------------------------
 
     async def wait_for_leader(self, event: E) -> None:
         """Return when the event may be processed; park it and raise EventArrivedEarly
         if its leader has not been seen (after waiting for a leader in flight)."""
+        event = checked_event(event)
         now = self._now()
         leader = self._leader_to_wait_for(event, now)
         if leader is None:
             return
-        seen, in_flight = await self.store.leader_status(
-            self.scope, leader, now, now - self.seen_expiration
+        status = await self.backend.leader_status(
+            scope=self.scope, leader_id=leader, now=now, seen_after=now - self.seen_expiration
         )
-        if seen:
+        if status.seen:
             return
-        held = self._held(event)
-        owner = held.owner if held else _process_leases.get((self.url, self.scope, event.id), "")  # type: ignore[attr-defined]
-        await self._wait_or_park(event, leader, in_flight, owner)
+        lease = self._lease_of(event.id)
+        await self._wait_or_park(event, leader, status.in_flight, lease.owner if lease else None)
 
-    async def _wait_or_park(self, event: Any, leader: UUID, in_flight: bool, owner: str) -> None:
+    async def _wait_or_park(
+        self, event: OrderedEvent, leader: UUID, in_flight: bool, owner: str | None
+    ) -> None:
         if in_flight and await self._wait_for_in_flight(event, leader):
             return
         now = self._now()
-        parked = await self.store.park(
-            self.scope,
-            event.id,
-            leader,
-            *_follower_times(event),
-            event.model_dump_json(),
-            owner,
-            now - self.seen_expiration,
+        parked = await self.backend.park(
+            ParkRequest(
+                scope=self.scope,
+                event_id=event.id,
+                leader_id=leader,
+                occurred=event.occurred,
+                received=event.received,
+                event_json=event.model_dump_json(),
+                lease_owner=owner,
+                seen_after=now - self.seen_expiration,
+            )
         )
         if not parked:
             return  # the leader was seen while we looked: go ahead
         self._log(event, "arrived before the event it follows %s", leader)
         raise EventArrivedEarly(event)
 
-    async def _wait_for_in_flight(self, event: Any, leader: UUID) -> bool:
+    async def _wait_for_in_flight(self, event: OrderedEvent, leader: UUID) -> bool:
         """Wait while the leader is being processed; True once it has been seen.
 
         On PostgreSQL the leader's completion wakes us (LISTEN/NOTIFY); polling every
         ``poll_interval`` stays as the fallback, and is all there is on SQLite.
         """
-        store = self.store
+        backend = self.backend
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.in_flight_event_timeout.total_seconds()
-        async with store.leader_waiter(self.scope, leader, notify=self.notify) as waiter:
-            if waiter.notified_by_database and not await store.mark_waiting(
-                self.scope, leader, self._now()
+        async with backend.leader_waiter(
+            scope=self.scope, leader_id=leader, notify=self.notify
+        ) as waiter:
+            if waiter.notified_by_database and not await backend.mark_waiting(
+                scope=self.scope, leader_id=leader, now=self._now()
             ):
                 return await self.event_has_been_seen(leader)  # no live lease any more
             while (remaining := deadline - loop.time()) > 0:
                 await waiter.wait(min(self.poll_interval, remaining))
                 now = self._now()
-                seen, in_flight = await store.leader_status(
-                    self.scope, leader, now, now - self.seen_expiration
+                status = await backend.leader_status(
+                    scope=self.scope,
+                    leader_id=leader,
+                    now=now,
+                    seen_after=now - self.seen_expiration,
                 )
-                if seen:
+                if status.seen:
                     return True
-                if not in_flight:
+                if not status.in_flight:
                     return False  # its holder gave up or died: park instead of waiting on
         self._log(
             event, "timed out waiting for its in-flight leader %s, will treat as lost", leader
@@ -509,62 +567,77 @@ class CausalOrdering(Generic[E]):
         its subclass EventAlreadyProcessed (it was handled already; skip it) or
         MaxDepthExceeded.  After the body succeeds the event is marked seen and the
         followers that waited for it are handed to ``handler`` in the order they occurred.
+
+        The round trips of one call: ``begin`` (take the lease and look at the leader)
+        and ``complete`` (mark seen, release the lease, claim followers); ``park``
+        instead of ``complete`` for an event that arrived early.
         """
+        checked_event(event)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {handler!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be a whole number of at least 0, not {depth!r}")
         if depth > self.max_depth:
             self._log(event, "has exceeded the maximum recursion depth %s", self.max_depth)
             raise MaxDepthExceeded(event)
-        store = self.store
-        ev: Any = event
+        backend = self.backend
         now = self._now()
-        leader = self._leader_to_wait_for(ev, now)
-        seen_after = now - self.seen_expiration
-        held = self._held(ev)
+        leader = self._leader_to_wait_for(event, now)
+        held = self._lease_of(event.id)
+        if held is not None and not held.released_by_leader:
+            held = None  # a lease of record_event_as_processing: take ours as usual
         if held is None:
             owner = _new_owner()
-            begun = await self._take_lease(ev, owner, now, leader)
+            begun = await self._take_lease(event, owner, now, leader)
             leader_seen, leader_in_flight = begun.leader_seen, begun.leader_in_flight
         else:
             owner = held.owner
-            leader_seen, leader_in_flight = (
-                await store.leader_status(self.scope, leader, now, seen_after)
-                if leader is not None
-                else (True, False)
-            )
+            leader_seen, leader_in_flight = True, False
+            if leader is not None:
+                status = await backend.leader_status(
+                    scope=self.scope,
+                    leader_id=leader,
+                    now=now,
+                    seen_after=now - self.seen_expiration,
+                )
+                leader_seen, leader_in_flight = status.seen, status.in_flight
 
         released: list[str] = []
+        claim: Claim | None = None
         done = False
         try:
             async with self._keep_alive(owner):
                 if leader is not None and not leader_seen:
-                    await self._wait_or_park(ev, leader, leader_in_flight, owner)
+                    await self._wait_or_park(event, leader, leader_in_flight, owner)
                 yield
             now = self._now()
-            claim_owner = _new_owner()
-            released = await store.complete(
-                self.scope,
-                ev.id,
-                owner,
-                now,
-                claim_owner,
-                now + self.lease_duration,
-                is_follower=_is_follower(ev),
+            claim = Claim(owner=_new_owner(), until=now + self.lease_duration)
+            released = await backend.complete(
+                CompleteRequest(
+                    scope=self.scope,
+                    event_id=event.id,
+                    lease_owner=owner,
+                    now=now,
+                    claim=claim,
+                    is_follower=is_follower(event),
+                )
             )
             done = True
             if held is not None:
                 held.completed = True
         except EventArrivedEarly as early:
-            done = _event_id(early.event) == ev.id  # parking released the lease
+            done = _parked_here(early, event.id)  # parking released the lease
             raise
         finally:
             if not done and held is None:
-                await _shielded(store.release(self.scope, ev.id, owner))
-        if released:
-            await self._hand_out(handler, ev, self._load(released), claim_owner, depth)
+                await _shielded(backend.release(scope=self.scope, event_id=event.id, owner=owner))
+        if released and claim is not None:
+            await self._hand_out(handler, event, self._load(released), claim.owner, depth)
 
     async def _hand_out(
         self,
         handler: EventHandler[E],
-        leader: Any,
+        leader: OrderedEvent,
         followers: list[E],
         owner: str,
         depth: int,
@@ -577,58 +650,70 @@ class CausalOrdering(Generic[E]):
         as seen and releases its own followers, whether or not the handler went through
         ``preceding_event_confirmed`` itself.
         """
-        pending: list[Any] = list(followers)
-        store = self.store
+        pending = list(followers)
+        backend = self.backend
         try:
             async with self._keep_alive(owner):
                 while pending:
                     follower = pending[0]
                     if depth + 1 > self.max_depth:
                         raise MaxDepthExceeded(follower)
-                    held = _Held(owner)
-                    token = _held.set({**_held.get(), (self.url, self.scope, follower.id): held})
+                    lease = _Lease(owner, released_by_leader=True)
+                    key = self._key(follower.id)
+                    _hold(key, lease)
                     try:
                         await handler(follower, depth=depth + 1)
                     finally:
-                        _held.reset(token)
+                        _let_go(key, lease)
                     released: list[str] = []
-                    claim_owner = _new_owner()
-                    if not held.completed:
-                        now = self._now()
-                        released = await store.complete(
-                            self.scope,
-                            follower.id,
-                            owner,
-                            now,
-                            claim_owner,
-                            now + self.lease_duration,
+                    claim = Claim(owner=_new_owner(), until=self._now() + self.lease_duration)
+                    if not lease.completed:
+                        released = await backend.complete(
+                            CompleteRequest(
+                                scope=self.scope,
+                                event_id=follower.id,
+                                lease_owner=owner,
+                                now=self._now(),
+                                claim=claim,
+                            )
                         )
                     pending.pop(0)
                     if released:
                         await self._hand_out(
-                            handler, follower, self._load(released), claim_owner, depth + 1
+                            handler, follower, self._load(released), claim.owner, depth + 1
                         )
         except MaxDepthExceeded:
             self._log(leader, "reached its max depth of %s followers processed.", self.max_depth)
         finally:
             if pending:
                 await _shielded(
-                    store.unclaim(self.scope, owner, [f.id for f in pending], self._now())
+                    backend.unclaim(
+                        scope=self.scope,
+                        owner=owner,
+                        ids=[f.id for f in pending],
+                        now=self._now(),
+                    )
                 )
 
     # -- clearing -------------------------------------------------------------------
 
     async def clear(self) -> None:
         """Delete every row of this scope."""
-        await self.store.clear(self.scope)
+        await self.backend.clear(scope=self.scope)
 
     @classmethod
     async def clear_all_scopes(cls) -> None:
         """Delete every row of every scope, in each database this process opened an
         ordering on (else the default database)."""
-        urls = sorted(_stores.urls_opened) or [resolve_url(None)]
+        urls = sorted(urls_opened()) or [resolve_url(None)]
         for url in urls:
-            await _stores.get(url, Store).clear(None)
+            await backend_for(url).clear(scope=None)
+
+
+def _parked_here(early: EventArrivedEarly, parked_id: UUID) -> bool:
+    """Whether the early arrival is this event's own (its parking released the lease),
+    not one raised by a handler for another event."""
+    return getattr(early.event, "id", None) == parked_id
 
 
 async def _shielded(cleanup: Awaitable[None]) -> None:
@@ -649,6 +734,6 @@ async def _shielded(cleanup: Awaitable[None]) -> None:
 
 
 async def dispose_engines() -> None:
-    """Close the pools this process opened on the running event loop (for shutdown and tests)."""
-    for store in _stores.forget_current():
-        await store.dispose()
+    """Close the connections this process opened on the running event loop (for
+    shutdown and tests)."""
+    await dispose_backends()

@@ -9,11 +9,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from .engine import resolve_url
-from .schema import VERSION_TABLE
+from .schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -26,10 +27,21 @@ def migrations_dir() -> Path:
     raise FileNotFoundError("the ordering migrations are missing from this installation")
 
 
-def alembic_config(url: str | None = None) -> Config:
+def alembic_config(
+    url: str | None = None,
+    *,
+    schema: str | None = None,
+    extra_versions: Path | None = None,
+) -> Config:
+    """Alembic's configuration for ``url``; ``extra_versions`` adds a folder of
+    revisions beside the shipped ones (tests use it for a later release's)."""
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("sqlalchemy.url", resolve_url(url).replace("%", "%%"))
+    if extra_versions is not None:
+        versions = f"{migrations_dir() / 'versions'} {extra_versions}"
+        config.set_main_option("version_locations", versions)
+    config.attributes["ordering_schema"] = resolve_schema(schema)
     return config
 
 
@@ -39,34 +51,43 @@ def head_revision() -> str:
     return head
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
+def upgrade(url: str | None = None, revision: str = "head", *, schema: str | None = None) -> None:
     """Bring the database to ``revision`` (synchronous: not from inside an event loop)."""
-    command.upgrade(alembic_config(url), revision)
+    command.upgrade(alembic_config(url, schema=schema), revision)
 
 
-def downgrade(url: str | None = None, revision: str = "base") -> None:
-    command.downgrade(alembic_config(url), revision)
+def downgrade(url: str | None = None, revision: str = "base", *, schema: str | None = None) -> None:
+    command.downgrade(alembic_config(url, schema=schema), revision)
 
 
-def upgrade_sql(url: str | None = None, revision: str = "head") -> str:
+def upgrade_sql(
+    url: str | None = None, revision: str = "head", *, schema: str | None = None
+) -> str:
     """The SQL that ``upgrade`` would run, for a DBA to review."""
-    config = alembic_config(url)
+    config = alembic_config(url, schema=schema)
     buffer = io.StringIO()
     config.output_buffer = buffer
     command.upgrade(config, revision, sql=True)
     return buffer.getvalue()
 
 
-def _current(connection: Connection) -> str | None:
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return context.get_current_revision()
+def _current(connection: Connection, schema: str) -> str | None:
+    if connection.dialect.name == "postgresql":
+        opts = {"version_table": POSTGRES_VERSION_TABLE, "version_table_schema": schema}
+        # A database still laid out by the first release keeps its table in public.
+        if connection.scalar(text(f"SELECT to_regclass('\"{schema}\".alembic_version')")) is None:
+            opts = {"version_table": "ordering_alembic_version", "version_table_schema": "public"}
+    else:
+        opts = {"version_table": SQLITE_VERSION_TABLE}
+    return MigrationContext.configure(connection, opts=opts).get_current_revision()
 
 
-async def current_revision(url: str | None = None) -> str | None:
+async def current_revision(url: str | None = None, *, schema: str | None = None) -> str | None:
     """The revision the database is at, or None for an empty database."""
+    chosen = resolve_schema(schema)
     engine = create_async_engine(resolve_url(url))
     try:
         async with engine.connect() as connection:
-            return await connection.run_sync(_current)
+            return await connection.run_sync(lambda sync: _current(sync, chosen))
     finally:
         await engine.dispose()

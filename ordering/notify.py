@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
-
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +42,14 @@ class Waiter:
 
 
 class Notifications:
-    """One LISTEN connection per store (URL and event loop), shared by every waiter."""
+    """One LISTEN connection per backend (URL and event loop), shared by every waiter.
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._connection: AsyncConnection | None = None
+    ``connect`` opens an asyncpg connection; this class only uses its public
+    ``add_listener``, ``is_closed`` and ``close``.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[Any]]) -> None:
+        self._connect = connect
         self._driver: Any = None
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._lock = asyncio.Lock()
@@ -60,23 +61,21 @@ class Notifications:
             if self._driver is not None and not self._driver.is_closed():
                 return True
             await self._close_connection()
-            connection = self._engine.connect()
+            driver = None
             try:
-                await connection.start()
-                driver = (await connection.get_raw_connection()).driver_connection
-                assert driver is not None
+                driver = await self._connect()
                 await driver.add_listener(CHANNEL, self._notified)
             except Exception:
-                try:
-                    await connection.invalidate()
-                    await connection.close()
-                except Exception:
-                    logger.debug("closing a failed LISTEN connection failed", exc_info=True)
+                if driver is not None:
+                    try:
+                        await driver.close(timeout=1)
+                    except Exception:
+                        logger.debug("closing a failed LISTEN connection failed", exc_info=True)
                 logger.warning(
                     "cannot LISTEN for completions; followers will poll instead", exc_info=True
                 )
                 return False
-            self._connection, self._driver = connection, driver
+            self._driver = driver
             return True
 
     def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
@@ -103,10 +102,10 @@ class Notifications:
                     del self._waiting[key]
 
     async def _close_connection(self) -> None:
-        connection, self._connection, self._driver = self._connection, None, None
-        if connection is not None:
+        driver, self._driver = self._driver, None
+        if driver is not None:
             try:
-                await connection.close()
+                await driver.close(timeout=1)
             except Exception:
                 logger.debug("closing the LISTEN connection failed", exc_info=True)
 

@@ -16,12 +16,15 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from ordering.schema import UTCDateTime
 
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+
+def UTCDateTime() -> sa.DateTime:  # noqa: N802 - the column type this revision used
+    return sa.DateTime(timezone=True)
 
 
 BEGIN_EVENT = """

@@ -1,0 +1,68 @@
+"""Backends: one module per dialect behind the interface of ``base.py``.
+
+``backend_for(url)`` hands out the shared backend of a URL on the running event loop;
+construction does no I/O, the schema is checked on first use.  A third dialect is one
+module more, and one line in ``_DIALECTS``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import make_url
+
+from ..engine import Registry
+from ..schema import resolve_schema
+from .base import (
+    Backend,
+    BeginRequest,
+    Begun,
+    Claim,
+    CompleteRequest,
+    FollowerRow,
+    LeaderStatus,
+    ParkRequest,
+    Refused,
+    StatementListener,
+)
+from .postgresql import PostgresBackend
+from .sqlite import SqliteBackend
+
+_registry: Registry[Backend] = Registry()
+
+
+def backend_for(url: str, schema: str | None = None) -> Backend:
+    """The shared backend of ``url`` (a checked URL, see ``engine.resolve_url``) on the
+    running event loop; on PostgreSQL, for the store's schema ``schema``."""
+    if make_url(url).drivername.startswith("sqlite"):
+        return _registry.get(url, SqliteBackend)
+    chosen = resolve_schema(schema)
+    key = f"{url}#{chosen}"
+    return _registry.get(key, lambda _: PostgresBackend(url, schema=chosen))
+
+
+def urls_opened() -> set[str]:
+    return {key.split("#", 1)[0] for key in _registry.urls_opened}
+
+
+async def dispose_backends() -> None:
+    """Close the connections this process opened on the running event loop (for
+    shutdown and tests)."""
+    for backend in _registry.forget_current():
+        await backend.dispose()
+
+
+__all__ = [
+    "Backend",
+    "BeginRequest",
+    "Begun",
+    "Claim",
+    "CompleteRequest",
+    "FollowerRow",
+    "LeaderStatus",
+    "ParkRequest",
+    "PostgresBackend",
+    "Refused",
+    "SqliteBackend",
+    "StatementListener",
+    "backend_for",
+    "dispose_backends",
+]

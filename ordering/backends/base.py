@@ -1,0 +1,424 @@
+"""What the ordering asks of a database, and the one place connections are handled.
+
+``CausalOrdering`` talks to a ``Backend``: a handful of operations, each taking named
+values and answering with a small result.  One module per dialect implements it
+(``postgresql.py``, ``sqlite.py``), each running the statements of its own SQL files
+(``ordering/sql/<dialect>/``).  Connections, retries and the mapping of driver errors
+live here, in ``Connections.run``: every statement of every operation, the operators'
+included, goes through it.
+
+Retries
+-------
+A connection that fails is dropped and the operation tried again, a bounded number of
+times with exponential backoff.  A failure before the statement left the client is
+always safe to retry; after it may have been sent, only idempotent operations are
+retried.  Every write of the store is idempotent for its caller's token (a lease or
+claim already ours is taken again; an upsert writes the same row), except
+``take_lost_followers``, whose DELETE hands rows out once and so is never repeated
+blindly.  Which errors count as a lost connection is decided by exception class and
+SQLSTATE (PostgreSQL) or result code (SQLite), never by message text.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+from ..exceptions import SchemaError, StoreUnavailable
+from ..notify import Waiter
+from ..sql import Query
+from ..schema import check_revision
+
+logger = logging.getLogger("ordering.backends")
+
+T = TypeVar("T")
+C = TypeVar("C")
+
+Row = Sequence[Any]
+Rows = Sequence[Row]
+
+#: Called once for every statement sent to the database, with its name and SQL.
+StatementListener = Callable[[str, str], None]
+
+
+# -- requests and answers ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BeginRequest:
+    """Take the event's processing lease and look at its leader."""
+
+    scope: str
+    event_id: UUID
+    follows: UUID | None
+    owner: str
+    now: datetime
+    expires_at: datetime
+    seen_after: datetime
+    #: Refuse an event that was seen already (False: the lease is all that is asked).
+    refuse_seen: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """The lease is ours; what ``begin`` saw of the leader."""
+
+    leader_seen: bool
+    leader_in_flight: bool
+
+
+class Refused(enum.Enum):
+    """Why ``begin`` did not lease the event.  Falsy, unlike ``Begun``."""
+
+    HELD_ELSEWHERE = "another holder has a live lease"
+    ALREADY_SEEN = "the event was processed already"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claim:
+    """Who claims the followers a completion releases, and until when."""
+
+    owner: str
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompleteRequest:
+    """Mark the event seen, release its lease, drop its own follower row and (with a
+    claim) claim and lease the followers that waited for it: one transaction."""
+
+    scope: str
+    event_id: UUID
+    #: The lease to release; None when the event was never leased by this caller.
+    lease_owner: str | None
+    now: datetime
+    claim: Claim | None
+    #: Whether the event follows another (only such an event can have a follower row).
+    is_follower: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParkRequest:
+    """Park the event as a follower of its leader unless the leader was seen meanwhile;
+    parking gives up the event's own lease (held by ``lease_owner``) in the same
+    transaction."""
+
+    scope: str
+    event_id: UUID
+    leader_id: UUID
+    occurred: datetime
+    received: datetime
+    event_json: str
+    lease_owner: str | None
+    seen_after: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FollowerRow:
+    """A follower recorded directly (``record_follower``)."""
+
+    scope: str
+    event_id: UUID
+    leader_id: UUID
+    occurred: datetime
+    received: datetime
+    event_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderStatus:
+    seen: bool
+    in_flight: bool
+
+
+# -- the interface -------------------------------------------------------------------
+
+
+class Backend(abc.ABC):
+    """The database side of every ordering on one URL (and event loop).
+
+    The hot path is ``begin``, ``complete`` and ``park``: on PostgreSQL one round trip
+    each, on SQLite one transaction each.  Everything else is one statement.
+    """
+
+    dialect: str
+    url: str
+    listeners: list[StatementListener]
+
+    # the hot path
+    @abc.abstractmethod
+    async def begin(self, request: BeginRequest) -> Begun | Refused: ...
+
+    @abc.abstractmethod
+    async def complete(self, request: CompleteRequest) -> list[str]:
+        """Returns the claimed followers' JSON, in no particular order."""
+
+    @abc.abstractmethod
+    async def park(self, request: ParkRequest) -> bool:
+        """Whether it parked; False: the leader was seen, the event may go ahead."""
+
+    # leases and leaders
+    @abc.abstractmethod
+    async def leader_status(
+        self, *, scope: str, leader_id: UUID, now: datetime, seen_after: datetime
+    ) -> LeaderStatus: ...
+
+    @abc.abstractmethod
+    async def seen(self, *, scope: str, event_id: UUID, seen_after: datetime) -> bool: ...
+
+    @abc.abstractmethod
+    async def record_seen(self, *, scope: str, event_id: UUID, now: datetime) -> None: ...
+
+    @abc.abstractmethod
+    async def release(self, *, scope: str, event_id: UUID, owner: str) -> None: ...
+
+    @abc.abstractmethod
+    async def renew(self, *, scope: str, owner: str, expires_at: datetime) -> None:
+        """Push back every lease and claim the owner holds."""
+
+    @abc.abstractmethod
+    async def mark_waiting(self, *, scope: str, leader_id: UUID, now: datetime) -> bool:
+        """Ask the leader's completion to notify; False when it holds no live lease."""
+
+    @abc.abstractmethod
+    def leader_waiter(
+        self, *, scope: str, leader_id: UUID, notify: bool
+    ) -> AbstractAsyncContextManager[Waiter]:
+        """A waiter woken when the leader completes (where the database can say so)
+        or else after each timeout."""
+
+    # followers
+    @abc.abstractmethod
+    async def record_follower(self, row: FollowerRow) -> None: ...
+
+    @abc.abstractmethod
+    async def forget_follower(self, *, scope: str, event_id: UUID) -> None: ...
+
+    @abc.abstractmethod
+    async def followers_of(self, *, scope: str, leader_id: UUID) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def followers_by_id(self, *, scope: str, ids: Sequence[UUID]) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def take_lost_followers(
+        self, *, scope: str, cutoff: datetime, now: datetime
+    ) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def unclaim(self, *, scope: str, owner: str, ids: Sequence[UUID], now: datetime) -> None:
+        """Give back claimed followers that were not handled, and their leases: their
+        claims expire now, so the lost-follower sweep hands them out again."""
+
+    # housekeeping and operators
+    @abc.abstractmethod
+    async def clear(self, *, scope: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def query(
+        self, name: str, /, *, types: Sequence[type] | None = None, **params: Any
+    ) -> Rows:
+        """Run the named statement of this dialect's queries.sql and return its rows,
+        decoded to ``types`` (UUID, datetime, ...) column by column when given."""
+
+    @abc.abstractmethod
+    async def write(self, name: str, /, **params: Any) -> Rows:
+        """Run the named statement as a write transaction of its own."""
+
+    @abc.abstractmethod
+    async def check_schema(self) -> None: ...
+
+    @abc.abstractmethod
+    async def dispose(self) -> None: ...
+
+
+# -- the choke point -----------------------------------------------------------------
+
+
+class Connections(Generic[C], abc.ABC):
+    """Connections of one backend: a few kept open between operations, a bounded
+    number in use at once, and every operation run with bounded retries.
+
+    Subclasses say how to open and close a connection and how to read the driver's
+    errors; nothing else in the package opens one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retries: int = 8,
+        backoff: float = 0.05,
+        backoff_max: float = 2.0,
+        max_connections: int = 30,
+        idle_connections: int = 10,
+    ) -> None:
+        self.url = url
+        self.retries = retries
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.idle_connections = idle_connections
+        self._idle: list[C] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self.before_first_use: Callable[[], Awaitable[None]] | None = None
+
+    # what a dialect says
+    @abc.abstractmethod
+    async def connect(self) -> C: ...
+
+    @abc.abstractmethod
+    async def close(self, connection: C) -> None:
+        """Close quietly: the connection may be broken already."""
+
+    @abc.abstractmethod
+    def is_usable(self, connection: C) -> bool: ...
+
+    @abc.abstractmethod
+    def is_transient(self, exc: BaseException) -> bool:
+        """A lost or refused connection, or a busy database: worth trying again."""
+
+    @abc.abstractmethod
+    def never_sent(self, exc: BaseException, connection: C | None) -> bool:
+        """The statement certainly did not reach the database."""
+
+    @abc.abstractmethod
+    def is_database_error(self, exc: BaseException) -> bool:
+        """An error of the driver or the network (as opposed to a bug or cancellation)."""
+
+    @abc.abstractmethod
+    def safe_url(self) -> str: ...
+
+    # the pool
+    async def _acquire(self) -> C:
+        while self._idle:
+            connection = self._idle.pop()
+            if self.is_usable(connection):
+                return connection
+            await self.close(connection)
+        return await self.connect()
+
+    async def _give_back(self, connection: C) -> None:
+        if len(self._idle) < self.idle_connections and self.is_usable(connection):
+            self._idle.append(connection)
+        else:
+            await self.close(connection)
+
+    async def close_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await self.close(connection)
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[C]:
+        """One connection for a caller that manages its own statements (no retries)."""
+        async with self._slots:
+            connection = await self._acquire()
+            try:
+                yield connection
+            except BaseException:
+                await self.close(connection)
+                raise
+            await self._give_back(connection)
+
+    async def run(self, operation: Callable[[C], Awaitable[T]], *, idempotent: bool = True) -> T:
+        """Run ``operation`` on a connection, retrying lost connections within bounds."""
+        if self.before_first_use is not None:
+            check, self.before_first_use = self.before_first_use, None
+            try:
+                await check()
+            except BaseException:
+                self.before_first_use = check
+                raise
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            connection: C | None = None
+            async with self._slots:
+                try:
+                    connection = await self._acquire()
+                    result = await operation(connection)
+                except BaseException as exc:
+                    if connection is not None:
+                        await self.close(connection)
+                    if not self.is_database_error(exc) or not self.is_transient(exc):
+                        raise
+                    sent = connection is not None and not self.never_sent(exc, connection)
+                    # The server may have dropped every connection: the idle ones too.
+                    await self.close_idle()
+                    if sent and not idempotent:
+                        raise StoreUnavailable(
+                            f"lost the connection to {self.safe_url()} during an operation "
+                            f"that is not safe to repeat: {_first_line(exc)}"
+                        ) from exc
+                    if attempt == self.retries:
+                        raise StoreUnavailable(
+                            f"{self.safe_url()} is unavailable after {attempt + 1} attempts: "
+                            f"{_first_line(exc)}"
+                        ) from exc
+                    logger.warning(
+                        "database operation failed (%s: %s), retrying in %.2fs (attempt %d of %d)",
+                        type(exc).__name__,
+                        _first_line(exc),
+                        delay,
+                        attempt + 1,
+                        self.retries,
+                        extra={"url": self.safe_url(), "attempt": attempt + 1},
+                    )
+                else:
+                    await self._give_back(connection)
+                    return result
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def announce(listeners: Sequence[StatementListener], query: Query) -> None:
+    for listener in listeners:
+        listener(query.name, query.sql)
+
+
+def check_schema_rows(
+    url: str, revision: str | None, oldest: str | None, *, code_revision: str
+) -> None:
+    """Raise SchemaError unless this code may run on a database at ``revision``."""
+    problem = check_revision(url, revision, oldest, code_revision=code_revision)
+    if problem is not None:
+        raise SchemaError(problem)
+    if revision != code_revision:
+        logger.info(
+            "the database %s is at revision %s, ahead of this code's %s and compatible",
+            url,
+            revision,
+            code_revision,
+        )
+
+
+__all__ = [
+    "Backend",
+    "BeginRequest",
+    "Begun",
+    "Claim",
+    "CompleteRequest",
+    "Connections",
+    "FollowerRow",
+    "LeaderStatus",
+    "ParkRequest",
+    "Refused",
+    "Rows",
+    "StatementListener",
+]

@@ -1,0 +1,311 @@
+"""The PostgreSQL backend, on asyncpg.
+
+Each operation is one statement, so one round trip and one transaction; the three of
+the hot path call the functions of schema.sql (``begin_event_v1``,
+``complete_event_v1``, ``park_follower_v1``).  Statements go through asyncpg's own
+prepared-statement cache.  Every connection's search_path is the store's schema, so
+neither the SQL files nor the functions name it.
+
+Why no follower is ever stranded: see ``park_follower_v1`` in schema.sql (parking and
+completion serialize on an advisory lock on the leader, and each statement of a
+PL/pgSQL function reads with a fresh snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from .. import sql
+from ..notify import Notifications, Waiter
+from ..schema import CODE_REVISION, resolve_schema
+from .base import (
+    Backend,
+    BeginRequest,
+    Begun,
+    CompleteRequest,
+    Connections,
+    FollowerRow,
+    LeaderStatus,
+    ParkRequest,
+    Refused,
+    Rows,
+    StatementListener,
+    check_schema_rows,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Errors that say the connection (or the server) went away, or that the statement
+#: lost a race and may simply be run again, by SQLSTATE class or code.
+_TRANSIENT_SQLSTATE_CLASSES = ("08",)  # connection exception
+_TRANSIENT_SQLSTATES = frozenset(
+    {
+        "57P01",  # admin_shutdown: terminated by an administrator
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now: starting up or shutting down
+        "40P01",  # deadlock_detected: the other side went ahead
+        "40001",  # serialization_failure
+        "53300",  # too_many_connections
+    }
+)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    code = getattr(exc, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+class PostgresConnections(Connections[asyncpg.Connection]):
+    def __init__(self, url: str, schema: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        parsed = make_url(url)
+        self._dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._safe_url = parsed.render_as_string(hide_password=True)
+        self.schema = schema
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            self._dsn,
+            server_settings={
+                "application_name": "ordering",
+                "jit": "off",
+                "search_path": self.schema,
+            },
+        )
+
+    async def close(self, connection: asyncpg.Connection) -> None:
+        try:
+            await connection.close(timeout=1)
+        except Exception:
+            connection.terminate()
+
+    def is_usable(self, connection: asyncpg.Connection) -> bool:
+        return not connection.is_closed()
+
+    def is_database_error(self, exc: BaseException) -> bool:
+        return isinstance(
+            exc,
+            (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.exceptions.InternalClientError,
+                OSError,
+                TimeoutError,
+            ),
+        )
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+            return False
+        if self.never_sent(exc, None) or isinstance(exc, (OSError, TimeoutError)):
+            # a refused or reset connection, a closed connection, a stuck protocol
+            return True
+        code = _sqlstate(exc)
+        return code is not None and (
+            code in _TRANSIENT_SQLSTATES or code[:2] in _TRANSIENT_SQLSTATE_CLASSES
+        )
+
+    def never_sent(self, exc: BaseException, connection: asyncpg.Connection | None) -> bool:
+        # asyncpg refuses a statement on a connection it knows is closed, or whose
+        # protocol is stuck after the server's FATAL, before sending anything: an
+        # InterfaceError or an InternalClientError, never a server error.
+        return isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
+
+    def safe_url(self) -> str:
+        return self._safe_url
+
+
+class PostgresBackend(Backend):
+    dialect = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        queries: dict[str, sql.Query] | None = None,
+        code_revision: str = CODE_REVISION,
+        **options: Any,
+    ) -> None:
+        self.url = url
+        self.schema = resolve_schema(schema)
+        self.queries = queries or sql.queries("postgresql")
+        self.code_revision = code_revision
+        self.listeners: list[StatementListener] = []
+        self.connections = PostgresConnections(url, self.schema, **options)
+        self.connections.before_first_use = self.check_schema
+        self.notifications = Notifications(self.connections.connect)
+
+    async def dispose(self) -> None:
+        await self.notifications.close()
+        await self.connections.close_idle()
+
+    # -- running statements -------------------------------------------------------
+
+    async def _fetch(self, name: str, *, idempotent: bool = True, **params: Any) -> Rows:
+        query = self.queries[name]
+        args = query.args(params)
+
+        async def run(connection: asyncpg.Connection) -> Rows:
+            for listener in self.listeners:
+                listener(query.name, query.sql)
+            rows: Rows = await connection.fetch(query.sql, *args)
+            return rows
+
+        return await self.connections.run(run, idempotent=idempotent)
+
+    async def query(
+        self, name: str, /, *, types: Sequence[type] | None = None, **params: Any
+    ) -> Rows:
+        return await self._fetch(name, **params)  # asyncpg decodes to Python types
+
+    async def write(self, name: str, /, **params: Any) -> Rows:
+        return await self._fetch(name, **params)  # one statement: its own transaction
+
+    async def check_schema(self) -> None:
+        async def read(connection: asyncpg.Connection) -> tuple[str | None, str | None]:
+            exists = self.queries["schema_exists"]
+            if not await connection.fetchval(exists.sql):
+                return None, None
+            row = await connection.fetchrow(self.queries["schema_revision"].sql)
+            return (row[0], row[1]) if row else (None, None)
+
+        revision, oldest = await self.connections.run(read)
+        check_schema_rows(
+            self.connections.safe_url(), revision, oldest, code_revision=self.code_revision
+        )
+
+    # -- the hot path ---------------------------------------------------------------
+
+    async def begin(self, request: BeginRequest) -> Begun | Refused:
+        rows = await self._fetch(
+            "begin",
+            scope=request.scope,
+            event_id=request.event_id,
+            follows=request.follows,
+            owner=request.owner,
+            now=request.now,
+            expires_at=request.expires_at,
+            seen_after=request.seen_after,
+            refuse_seen=request.refuse_seen,
+        )
+        if not rows:
+            return Refused.HELD_ELSEWHERE
+        already_seen, leader_seen, leader_in_flight = rows[0]
+        if already_seen:
+            return Refused.ALREADY_SEEN
+        return Begun(bool(leader_seen), bool(leader_in_flight))
+
+    async def complete(self, request: CompleteRequest) -> list[str]:
+        claim = request.claim
+        rows = await self._fetch(
+            "complete",
+            scope=request.scope,
+            event_id=request.event_id,
+            owner=request.lease_owner,
+            now=request.now,
+            claim_owner=claim.owner if claim else None,
+            claim_until=claim.until if claim else None,
+            is_follower=request.is_follower,
+        )
+        return [row[0] for row in rows]
+
+    async def park(self, request: ParkRequest) -> bool:
+        rows = await self._fetch(
+            "park",
+            scope=request.scope,
+            event_id=request.event_id,
+            leader_id=request.leader_id,
+            occurred=request.occurred,
+            received=request.received,
+            event=request.event_json,
+            owner=request.lease_owner,
+            seen_after=request.seen_after,
+        )
+        return bool(rows[0][0])
+
+    # -- leases and leaders ---------------------------------------------------------
+
+    async def leader_status(
+        self, *, scope: str, leader_id: UUID, now: datetime, seen_after: datetime
+    ) -> LeaderStatus:
+        (row,) = await self._fetch(
+            "leader_status", scope=scope, leader_id=leader_id, now=now, seen_after=seen_after
+        )
+        return LeaderStatus(bool(row[0]), bool(row[1]))
+
+    async def seen(self, *, scope: str, event_id: UUID, seen_after: datetime) -> bool:
+        (row,) = await self._fetch("seen", scope=scope, event_id=event_id, seen_after=seen_after)
+        return bool(row[0])
+
+    async def record_seen(self, *, scope: str, event_id: UUID, now: datetime) -> None:
+        await self._fetch("record_seen", scope=scope, event_id=event_id, now=now)
+
+    async def release(self, *, scope: str, event_id: UUID, owner: str) -> None:
+        await self._fetch("release", scope=scope, event_id=event_id, owner=owner)
+
+    async def renew(self, *, scope: str, owner: str, expires_at: datetime) -> None:
+        await self._fetch("renew", scope=scope, owner=owner, expires_at=expires_at)
+
+    async def mark_waiting(self, *, scope: str, leader_id: UUID, now: datetime) -> bool:
+        return bool(await self._fetch("mark_waiting", scope=scope, leader_id=leader_id, now=now))
+
+    def leader_waiter(
+        self, *, scope: str, leader_id: UUID, notify: bool
+    ) -> AbstractAsyncContextManager[Waiter]:
+        return self._waiter(scope, leader_id, notify)
+
+    @asynccontextmanager
+    async def _waiter(self, scope: str, leader_id: UUID, notify: bool) -> AsyncIterator[Waiter]:
+        if not notify:
+            yield Waiter(None)
+            return
+        async with self.notifications.waiter(scope, leader_id) as waiter:
+            yield waiter
+
+    # -- followers ------------------------------------------------------------------
+
+    async def record_follower(self, row: FollowerRow) -> None:
+        await self._fetch(
+            "record_follower",
+            scope=row.scope,
+            event_id=row.event_id,
+            leader_id=row.leader_id,
+            occurred=row.occurred,
+            received=row.received,
+            event=row.event_json,
+        )
+
+    async def forget_follower(self, *, scope: str, event_id: UUID) -> None:
+        await self._fetch("forget_follower", scope=scope, event_id=event_id)
+
+    async def followers_of(self, *, scope: str, leader_id: UUID) -> list[str]:
+        rows = await self._fetch("followers_of", scope=scope, leader_id=leader_id)
+        return [row[0] for row in rows]
+
+    async def followers_by_id(self, *, scope: str, ids: Sequence[UUID]) -> list[str]:
+        if not ids:
+            return []
+        rows = await self._fetch("followers_by_id", scope=scope, ids=list(ids))
+        return [row[0] for row in rows]
+
+    async def take_lost_followers(
+        self, *, scope: str, cutoff: datetime, now: datetime
+    ) -> list[str]:
+        rows = await self._fetch("take_lost", scope=scope, cutoff=cutoff, now=now, idempotent=False)
+        return [row[0] for row in rows]
+
+    async def unclaim(self, *, scope: str, owner: str, ids: Sequence[UUID], now: datetime) -> None:
+        if ids:
+            await self._fetch("unclaim", scope=scope, owner=owner, ids=list(ids), now=now)
+
+    async def clear(self, *, scope: str | None) -> None:
+        await self._fetch("clear", scope=scope)

@@ -1,0 +1,496 @@
+"""The SQLite backend, on the standard library's sqlite3 module.
+
+SQLite's write lock is per database, so every operation that writes more than one
+row runs as one ``BEGIN IMMEDIATE`` transaction: the lock is taken before anything is
+read, which is what serializes a follower parking with its leader completing (either
+sees the other's commit), and a transaction never fails half-way with "database is
+locked" when it turns from reader into writer.
+
+Where statements run: on the event loop's own thread, with SQLite's busy timeout at
+zero, so they never wait there.  An operation is a few hundred microseconds of SQLite
+work, less than the two thread switches a hop to a worker thread costs.  When another
+connection holds the write lock, the same operation is run again in a worker thread,
+which waits out the lock (the busy timeout) without blocking the loop.  WAL
+checkpoints run in a worker thread too: the store's connections turn SQLite's
+automatic checkpoint off, as it would run (and fsync) inside a commit on the loop.
+
+Storage: ids are 32 hex digits and times fixed-width UTC text (``YYYY-MM-DD
+HH:MM:SS.ffffff``, so that text order is time order), the layout the tables were
+created with; ``_encode`` and ``_DECODERS`` are the one place that knows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+from sqlalchemy.engine import make_url
+
+from .. import sql
+from ..notify import Waiter
+from ..schema import CODE_REVISION
+from .base import (
+    Backend,
+    BeginRequest,
+    Begun,
+    CompleteRequest,
+    Connections,
+    FollowerRow,
+    LeaderStatus,
+    ParkRequest,
+    Refused,
+    Rows,
+    StatementListener,
+    check_schema_rows,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long an operation waits for another connection's write lock.
+BUSY_TIMEOUT_S = 30.0
+
+#: Write operations between two WAL checkpoints (about 8 pages each: ~4 MB of WAL).
+CHECKPOINT_EVERY = 128
+
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, UUID):
+        return value.hex
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store only takes aware UTC datetimes")
+        if value.tzinfo is not UTC:
+            value = value.astimezone(UTC)
+        return value.isoformat(" ", "microseconds")[:26]
+    if isinstance(value, (list, tuple)):
+        return json.dumps([_encode(item) for item in value])
+    return value
+
+
+def _decode_uuid(value: Any) -> UUID | None:
+    return None if value is None else UUID(hex=value)
+
+
+def _decode_time(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+_DECODERS: dict[type, Callable[[Any], Any]] = {UUID: _decode_uuid, datetime: _decode_time}
+
+
+def _is_busy(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and code is not None
+        and (code & 0xFF in _BUSY_CODES)
+    )
+
+
+Execute = Callable[[str, dict[str, Any]], list[Any]]
+
+
+class SqliteConnections(Connections[sqlite3.Connection]):
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        database = make_url(url).database
+        assert database, "the URL was checked to name a file"
+        self.path = Path(database)
+
+    async def connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,  # autocommit: the backend opens its transactions
+            check_same_thread=False,  # used by the loop's thread and worker threads,
+            # one at a time
+        )
+        try:
+            # WAL lets readers run beside the writer; NORMAL skips an fsync per commit,
+            # and in WAL mode a crash can then lose the last commits but never corrupts
+            # the file.
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    async def close(self, connection: sqlite3.Connection) -> None:
+        try:
+            connection.close()
+        except sqlite3.Error:
+            logger.debug("closing a SQLite connection failed", exc_info=True)
+
+    def is_usable(self, connection: sqlite3.Connection) -> bool:
+        return True
+
+    def is_database_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, (sqlite3.Error, OSError))
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return _is_busy(exc)
+
+    def never_sent(self, exc: BaseException, connection: sqlite3.Connection | None) -> bool:
+        return _is_busy(exc)  # a busy statement did nothing; its transaction rolled back
+
+    def safe_url(self) -> str:
+        return self.url
+
+
+class SqliteBackend(Backend):
+    dialect = "sqlite"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        queries: dict[str, sql.Query] | None = None,
+        code_revision: str = CODE_REVISION,
+        **options: Any,
+    ) -> None:
+        self.url = url
+        self.queries = queries or sql.queries("sqlite")
+        self.code_revision = code_revision
+        self.listeners: list[StatementListener] = []
+        self.connections = SqliteConnections(url, **options)
+        self.connections.before_first_use = self.check_schema
+        self._writers = frozenset(
+            name for name, query in self.queries.items() if not query.sql.startswith("SELECT")
+        )
+        self._writes = 0
+        self._checkpointing: asyncio.Task[None] | None = None
+
+    async def dispose(self) -> None:
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
+        await self.connections.close_idle()
+
+    # -- running statements -------------------------------------------------------
+
+    async def _run(
+        self,
+        work: Callable[[Execute], T],
+        *,
+        write: bool = False,
+        idempotent: bool = True,
+    ) -> T:
+        """Run ``work`` with an ``execute(name, params)`` that returns rows; with
+        ``write`` the whole of it is one BEGIN IMMEDIATE transaction (a single
+        statement is a transaction of its own anyway)."""
+        listeners = self.listeners
+        wrote = False
+
+        async def operation(connection: sqlite3.Connection) -> T:
+            def send(name: str, text: str, args: Any) -> list[Any]:
+                for listener in listeners:
+                    listener(name, text)
+                return connection.execute(text, args).fetchall()
+
+            def execute(name: str, params: dict[str, Any]) -> list[Any]:
+                nonlocal wrote
+                query = self.queries[name]
+                wrote = wrote or name in self._writers
+                return send(name, query.sql, [_encode(v) for v in query.args(params)])
+
+            def attempt() -> T:
+                if not write:
+                    return work(execute)
+                send("begin_immediate", "BEGIN IMMEDIATE", ())
+                try:
+                    result = work(execute)
+                except BaseException:
+                    connection.rollback()
+                    raise
+                send("commit", "COMMIT", ())
+                return result
+
+            connection.execute("PRAGMA busy_timeout=0")
+            try:
+                result = attempt()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                result = await _in_thread(_waiting_out_locks, connection, attempt)
+            else:
+                # An operation that never waited must still let other tasks run (the
+                # checkpoint, lease renewals, other consumers): one turn of the loop.
+                await asyncio.sleep(0)
+            if wrote:
+                self._note_write()
+            return result
+
+        return await self.connections.run(operation, idempotent=idempotent)
+
+    async def _fetch(self, name: str, *, idempotent: bool = True, **params: Any) -> Rows:
+        return await self._run(lambda execute: execute(name, params), idempotent=idempotent)
+
+    async def query(
+        self, name: str, /, *, types: Sequence[type] | None = None, **params: Any
+    ) -> Rows:
+        rows = await self._fetch(name, **params)
+        if types is None:
+            return rows
+        decoders = [_DECODERS.get(kind) for kind in types]
+        return [
+            tuple(value if d is None else d(value) for d, value in zip(decoders, row, strict=True))
+            for row in rows
+        ]
+
+    async def write(self, name: str, /, **params: Any) -> Rows:
+        return await self._run(lambda execute: execute(name, params), write=True)
+
+    def _note_write(self) -> None:
+        self._writes += 1
+        if self._writes % CHECKPOINT_EVERY == 0 and self._checkpointing is None:
+            self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """Move the WAL into the database file, in a worker thread, on a connection of
+        its own.  RESTART, not PASSIVE: a PASSIVE checkpoint copies the frames but the
+        WAL was seen to keep growing (writers did not start it over), while RESTART
+        waits out the readers so that the next writer does."""
+        try:
+            await _in_thread(_checkpoint, self.connections.path)
+        except Exception:
+            logger.warning("WAL checkpoint failed; the next one will try again", exc_info=True)
+        finally:
+            self._checkpointing = None
+
+    async def check_schema(self) -> None:
+        def read(execute: Execute) -> tuple[str | None, str | None]:
+            if not execute("schema_exists", {})[0][0]:
+                return None, None
+            row = execute("schema_revision", {})[0]
+            return row[0], row[1]
+
+        revision, oldest = await self._run(read)
+        check_schema_rows(self.url, revision, oldest, code_revision=self.code_revision)
+
+    # -- the hot path ---------------------------------------------------------------
+
+    async def begin(self, request: BeginRequest) -> Begun | Refused:
+        params = {
+            "scope": request.scope,
+            "event_id": request.event_id,
+            "follows": request.follows,
+            "owner": request.owner,
+            "now": request.now,
+            "expires_at": request.expires_at,
+            "seen_after": request.seen_after,
+            "refuse_seen": request.refuse_seen,
+        }
+
+        def work(execute: Execute) -> Begun | Refused:
+            rows = execute("begin", params)
+            if rows:
+                return Begun(bool(rows[0][0]), bool(rows[0][1]))
+            if (
+                request.refuse_seen
+                and execute(
+                    "begin_refused",
+                    {
+                        "scope": request.scope,
+                        "event_id": request.event_id,
+                        "seen_after": request.seen_after,
+                    },
+                )[0][0]
+            ):
+                return Refused.ALREADY_SEEN
+            return Refused.HELD_ELSEWHERE
+
+        return await self._run(work)
+
+    async def complete(self, request: CompleteRequest) -> list[str]:
+        scope, event_id, now, claim = request.scope, request.event_id, request.now, request.claim
+
+        def work(execute: Execute) -> list[str]:
+            execute("record_seen", {"scope": scope, "event_id": event_id, "now": now})
+            if request.lease_owner is not None:
+                execute(
+                    "release", {"scope": scope, "event_id": event_id, "owner": request.lease_owner}
+                )
+            if request.is_follower:
+                execute("forget_follower", {"scope": scope, "event_id": event_id})
+            if claim is None:
+                return []
+            params = {
+                "scope": scope,
+                "event_id": event_id,
+                "now": now,
+                "claim_owner": claim.owner,
+                "claim_until": claim.until,
+            }
+            claimed = [row[0] for row in execute("claim", params)]
+            if claimed:
+                execute("lease_claimed", params)
+            return claimed
+
+        return await self._run(work, write=True)
+
+    async def park(self, request: ParkRequest) -> bool:
+        scope, event_id, owner = request.scope, request.event_id, request.lease_owner
+
+        def work(execute: Execute) -> bool:
+            leader_seen = execute(
+                "seen",
+                {"scope": scope, "event_id": request.leader_id, "seen_after": request.seen_after},
+            )[0][0]
+            if leader_seen:
+                still = {"scope": scope, "event_id": event_id, "owner": owner}
+                return not execute("still_leased", still)[0][0]
+            execute(
+                "record_follower",
+                {
+                    "scope": scope,
+                    "event_id": event_id,
+                    "leader_id": request.leader_id,
+                    "occurred": request.occurred,
+                    "received": request.received,
+                    "event": request.event_json,
+                },
+            )
+            if owner is not None:
+                execute("release", {"scope": scope, "event_id": event_id, "owner": owner})
+            return True
+
+        return await self._run(work, write=True)
+
+    # -- leases and leaders ---------------------------------------------------------
+
+    async def leader_status(
+        self, *, scope: str, leader_id: UUID, now: datetime, seen_after: datetime
+    ) -> LeaderStatus:
+        (row,) = await self._fetch(
+            "leader_status", scope=scope, leader_id=leader_id, now=now, seen_after=seen_after
+        )
+        return LeaderStatus(bool(row[0]), bool(row[1]))
+
+    async def seen(self, *, scope: str, event_id: UUID, seen_after: datetime) -> bool:
+        (row,) = await self._fetch("seen", scope=scope, event_id=event_id, seen_after=seen_after)
+        return bool(row[0])
+
+    async def record_seen(self, *, scope: str, event_id: UUID, now: datetime) -> None:
+        await self._fetch("record_seen", scope=scope, event_id=event_id, now=now)
+
+    async def release(self, *, scope: str, event_id: UUID, owner: str) -> None:
+        await self._fetch("release", scope=scope, event_id=event_id, owner=owner)
+
+    async def renew(self, *, scope: str, owner: str, expires_at: datetime) -> None:
+        params = {"scope": scope, "owner": owner, "expires_at": expires_at}
+
+        def work(execute: Execute) -> None:
+            execute("renew_leases", params)
+            execute("renew_claims", params)
+
+        await self._run(work, write=True)
+
+    async def mark_waiting(self, *, scope: str, leader_id: UUID, now: datetime) -> bool:
+        return bool(await self._fetch("mark_waiting", scope=scope, leader_id=leader_id, now=now))
+
+    def leader_waiter(
+        self, *, scope: str, leader_id: UUID, notify: bool
+    ) -> AbstractAsyncContextManager[Waiter]:
+        return _polling()  # SQLite cannot tell other processes: waiters poll
+
+    # -- followers ------------------------------------------------------------------
+
+    async def record_follower(self, row: FollowerRow) -> None:
+        await self._fetch(
+            "record_follower",
+            scope=row.scope,
+            event_id=row.event_id,
+            leader_id=row.leader_id,
+            occurred=row.occurred,
+            received=row.received,
+            event=row.event_json,
+        )
+
+    async def forget_follower(self, *, scope: str, event_id: UUID) -> None:
+        await self._fetch("forget_follower", scope=scope, event_id=event_id)
+
+    async def followers_of(self, *, scope: str, leader_id: UUID) -> list[str]:
+        rows = await self._fetch("followers_of", scope=scope, leader_id=leader_id)
+        return [row[0] for row in rows]
+
+    async def followers_by_id(self, *, scope: str, ids: Sequence[UUID]) -> list[str]:
+        if not ids:
+            return []
+        rows = await self._fetch("followers_by_id", scope=scope, ids=list(ids))
+        return [row[0] for row in rows]
+
+    async def take_lost_followers(
+        self, *, scope: str, cutoff: datetime, now: datetime
+    ) -> list[str]:
+        rows = await self._fetch("take_lost", scope=scope, cutoff=cutoff, now=now, idempotent=False)
+        return [row[0] for row in rows]
+
+    async def unclaim(self, *, scope: str, owner: str, ids: Sequence[UUID], now: datetime) -> None:
+        if not ids:
+            return
+        listed = list(ids)
+
+        def work(execute: Execute) -> None:
+            execute(
+                "unclaim_followers", {"scope": scope, "owner": owner, "ids": listed, "now": now}
+            )
+            execute("unclaim_leases", {"scope": scope, "owner": owner, "ids": listed})
+
+        await self._run(work, write=True)
+
+    async def clear(self, *, scope: str | None) -> None:
+        def work(execute: Execute) -> None:
+            for name in ("clear_seen", "clear_leases", "clear_followers"):
+                execute(name, {"scope": scope})
+
+        await self._run(work, write=True)
+
+
+@asynccontextmanager
+async def _polling() -> AsyncIterator[Waiter]:
+    yield Waiter(None)
+
+
+def _waiting_out_locks(connection: sqlite3.Connection, attempt: Callable[[], T]) -> T:
+    connection.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+    return attempt()
+
+
+def _checkpoint(path: Path) -> None:
+    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+    finally:
+        connection.close()
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """Run ``function`` in a worker thread.  If the caller is cancelled meanwhile, wait
+    for the thread to finish before passing the cancellation on: the connection it
+    uses must not be closed under it."""
+    future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result

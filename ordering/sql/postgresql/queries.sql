@@ -1,0 +1,166 @@
+-- Every statement the store runs on PostgreSQL.  Each one is named with the names of
+-- its parameters, in the order of $1, $2, ...; the SQLite file defines the same names
+-- with the same parameters.  Events are read back as JSON text.
+
+-- The hot path: one round trip each ---------------------------------------------
+
+-- name: begin(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
+SELECT already_seen, leader_seen, leader_in_flight
+FROM begin_event_v1($1, $2, $3, $4, $5, $6, $7, $8)
+
+-- name: complete(scope, event_id, owner, now, claim_owner, claim_until, is_follower)
+SELECT released_event FROM complete_event_v1($1, $2, $3, $4, $5, $6, $7)
+
+-- name: park(scope, event_id, leader_id, occurred, received, event, owner, seen_after)
+SELECT park_follower_v1($1, $2, $3, $4, $5, $6::jsonb, $7, $8)
+
+-- Leases and leaders ---------------------------------------------------------------
+
+-- name: leader_status(scope, leader_id, now, seen_after)
+SELECT {seen($1, $2, $4)}, {in_flight($1, $2, $3)}
+
+-- name: seen(scope, event_id, seen_after)
+SELECT {seen($1, $2, $3)}
+
+-- name: release(scope, event_id, owner)
+DELETE FROM processing_leases WHERE scope = $1 AND event_id = $2 AND owner = $3
+
+-- name: mark_waiting(scope, leader_id, now)
+-- A follower waiting for this leader in flight asks to be notified when it completes.
+UPDATE processing_leases l SET has_waiters = true
+WHERE l.scope = $1 AND l.event_id = $2 AND NOT {lease_expired(l, $3)}
+RETURNING 1
+
+-- name: renew(scope, owner, expires_at)
+-- Every lease and claim of one owner, pushed back together.
+WITH leases AS (
+    UPDATE processing_leases SET expires_at = $3 WHERE scope = $1 AND owner = $2
+)
+UPDATE waiting_followers SET claimed_until = $3 WHERE scope = $1 AND claimed_by = $2
+
+-- name: record_seen(scope, event_id, now)
+INSERT INTO seen_events (scope, event_id, seen_at) VALUES ($1, $2, $3)
+ON CONFLICT (scope, event_id) DO UPDATE SET seen_at = excluded.seen_at
+
+-- Followers --------------------------------------------------------------------------
+
+-- name: record_follower(scope, event_id, leader_id, occurred, received, event)
+INSERT INTO waiting_followers (scope, follower_id, leader_id, occurred, received, event)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+ON CONFLICT (scope, follower_id) DO NOTHING
+
+-- name: forget_follower(scope, event_id)
+DELETE FROM waiting_followers WHERE scope = $1 AND follower_id = $2
+
+-- name: followers_of(scope, leader_id)
+SELECT event::text FROM waiting_followers
+WHERE scope = $1 AND leader_id = $2
+ORDER BY occurred, received, follower_id
+
+-- name: followers_by_id(scope, ids)
+SELECT event::text FROM waiting_followers
+WHERE scope = $1 AND follower_id = ANY($2::uuid[])
+ORDER BY occurred, received, follower_id
+
+-- name: take_lost(scope, cutoff, now)
+DELETE FROM waiting_followers f WHERE f.scope = $1 AND {lost(f, $2, $3)}
+RETURNING f.event::text
+
+-- name: unclaim(scope, owner, ids, now)
+-- Followers claimed but not handled (their handler failed, or the depth limit cut them
+-- off): their claims expire now, so the next get_lost_followers hands them out again,
+-- and the leases taken with the claim are dropped.
+WITH leases AS (
+    DELETE FROM processing_leases WHERE scope = $1 AND owner = $2 AND event_id = ANY($3::uuid[])
+)
+UPDATE waiting_followers SET claimed_until = $4
+WHERE scope = $1 AND claimed_by = $2 AND follower_id = ANY($3::uuid[])
+
+-- name: clear(scope)
+-- Every row of one scope, or of all scopes when scope is NULL.
+WITH seen AS (DELETE FROM seen_events WHERE $1::text IS NULL OR scope = $1),
+     leases AS (DELETE FROM processing_leases WHERE $1::text IS NULL OR scope = $1)
+DELETE FROM waiting_followers WHERE $1::text IS NULL OR scope = $1
+
+-- Schema -------------------------------------------------------------------------------
+
+-- name: schema_revision()
+-- Both NULL when the schema is missing.
+SELECT
+    (SELECT version_num FROM alembic_version LIMIT 1),
+    (SELECT oldest_code_revision FROM code_compatibility LIMIT 1)
+-- name: schema_exists()
+SELECT to_regclass('alembic_version') IS NOT NULL AND to_regclass('code_compatibility') IS NOT NULL
+
+-- Operators: status, listing, prune, replay --------------------------------------
+
+-- name: seen_counts(scope, seen_after)
+SELECT scope, count(*) FILTER (WHERE seen_at > $2), count(*) FILTER (WHERE seen_at <= $2)
+FROM seen_events WHERE $1::text IS NULL OR scope = $1
+GROUP BY scope
+
+-- name: lease_counts(scope, now)
+SELECT l.scope, count(*) FILTER (WHERE NOT {lease_expired(l, $2)}),
+       count(*) FILTER (WHERE {lease_expired(l, $2)})
+FROM processing_leases l WHERE $1::text IS NULL OR l.scope = $1
+GROUP BY l.scope
+
+-- name: waiting_counts(scope, now, cutoff)
+SELECT f.scope,
+       count(*) FILTER (WHERE f.claimed_by IS NULL),
+       count(*) FILTER (WHERE f.claimed_until > $2),
+       count(*) FILTER (WHERE f.claimed_until <= $2),
+       count(*) FILTER (WHERE f.claimed_by IS NULL AND {lost(f, $3, $2)})
+FROM waiting_followers f WHERE $1::text IS NULL OR f.scope = $1
+GROUP BY f.scope
+
+-- name: oldest_waiting(scope)
+SELECT DISTINCT ON (scope) scope, follower_id, leader_id, received, event->>'event'
+FROM waiting_followers WHERE $1::text IS NULL OR scope = $1
+ORDER BY scope, received, follower_id
+
+-- name: list_followers(scope, leader_id, lost_only, cutoff, now, row_limit)
+SELECT f.scope, f.follower_id, f.leader_id, f.occurred, f.received, f.claimed_by,
+       f.claimed_until, f.event::text
+FROM waiting_followers f
+WHERE ($1::text IS NULL OR f.scope = $1)
+  AND ($2::uuid IS NULL OR f.leader_id = $2)
+  AND (NOT $3 OR {lost(f, $4, $5)})
+ORDER BY f.occurred, f.received, f.follower_id, f.scope
+LIMIT $6
+
+-- name: count_prunable_seen(scope, seen_after)
+SELECT count(*) FROM seen_events WHERE ($1::text IS NULL OR scope = $1) AND seen_at <= $2
+
+-- name: count_prunable_leases(scope, now)
+SELECT count(*) FROM processing_leases l
+WHERE ($1::text IS NULL OR l.scope = $1) AND {lease_expired(l, $2)}
+
+-- name: prune_seen(scope, seen_after, batch_size)
+-- One batch.  The victims are chosen once, in a materialized CTE (as an IN subquery
+-- PostgreSQL may scan it again per row, picking new rows past the LIMIT); rows a
+-- worker is refreshing right now are skipped, and the condition is checked again on
+-- the row as it is when deleted, so a row refreshed meanwhile is kept.
+WITH victims AS MATERIALIZED (
+    SELECT scope, event_id FROM seen_events
+    WHERE ($1::text IS NULL OR scope = $1) AND seen_at <= $2
+    LIMIT $3 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM seen_events s USING victims v
+WHERE s.scope = v.scope AND s.event_id = v.event_id AND s.seen_at <= $2
+RETURNING s.event_id
+
+-- name: prune_leases(scope, now, batch_size)
+WITH victims AS MATERIALIZED (
+    SELECT scope, event_id FROM processing_leases l
+    WHERE ($1::text IS NULL OR l.scope = $1) AND {lease_expired(l, $2)}
+    LIMIT $3 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM processing_leases l USING victims v
+WHERE l.scope = v.scope AND l.event_id = v.event_id AND {lease_expired(l, $2)}
+RETURNING l.event_id
+
+-- name: waiting_extent(scope)
+-- When every follower waiting in the scope now will be lost: the latest received, and
+-- the latest claim.
+SELECT max(received), max(claimed_until), count(*) FROM waiting_followers WHERE scope = $1
