@@ -15,14 +15,24 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO, TypeVar
 from uuid import UUID
 
 from rich.console import Console
 from rich.measure import Measurement
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -32,7 +42,6 @@ from .constants import PRECEDING_EVENT_LOOKBACK, SEEN_EXPIRATION
 from .engine import DEFAULT_URL, URL_ENV, resolve_url, safe_url
 from .exceptions import OrderingError
 from .models import ReceivedEvent, utc_now
-from .progress import Progress, size
 
 Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
@@ -221,6 +230,38 @@ def followers_table(followers: Sequence[admin.WaitingFollower], now: datetime) -
     return table
 
 
+#: Moves a progress bar on: ``bar(advance=n)``, or ``bar(completed=n, total=t)``.
+Bar = Callable[..., None]
+
+
+@contextmanager
+def progress_bar(
+    description: str, total: int | None = None, *, in_bytes: bool = False, show: bool = True
+) -> Iterator[Bar | None]:
+    """A progress bar on stderr, or None when nobody is watching: stderr is not a terminal
+    (piped and logged output stays clean), or ``show`` is false.
+
+    The bar is erased when done, leaving the line to the summary that follows; lines
+    printed to stderr meanwhile appear above it.  Redrawn by rich's own thread, ten
+    times a second, so a fast loop pays only for counting.
+    """
+    if not (show and sys.stderr.isatty()):
+        yield None
+        return
+    amount = DownloadColumn(binary_units=True) if in_bytes else MofNCompleteColumn()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        amount,
+        TimeRemainingColumn(),
+        console=Console(stderr=True, soft_wrap=True),  # a long note above the bar stays one line
+        transient=True,
+        redirect_stdout=False,  # events and summaries on stdout must stay there
+    ) as progress:
+        yield partial(progress.update, progress.add_task(description, total=total))
+
+
 def _print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -310,12 +351,9 @@ def cmd_followers(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     now = args.now or utc_now()
-    with Progress(0, "pruning") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done)
-
+    with progress_bar("pruning") as bar:
+        # No callback without a bar: the rows are counted first for it, which costs a query.
+        progress = None if bar is None else lambda done, total: bar(completed=done, total=total)
         result = _run(
             admin.prune(
                 args.url,
@@ -324,7 +362,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 seen_expiration=args.seen_expiration,
                 batch_size=args.batch_size,
                 dry_run=args.dry_run,
-                progress=progress if bar.enabled else None,
+                progress=progress,
             )
         )
     verb = "would delete" if result.dry_run else "deleted"
@@ -336,10 +374,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _numbered_lines(source: BinaryIO, bar: Progress | None = None) -> Iterator[tuple[int, bytes]]:
+def _numbered_lines(source: BinaryIO, bar: Bar | None = None) -> Iterator[tuple[int, bytes]]:
     for number, raw in enumerate(source, start=1):
         if bar is not None:
-            bar.advance(len(raw))
+            bar(advance=len(raw))
         yield number, raw
 
 
@@ -359,7 +397,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         stack.enter_context(source)
         if args.strict:
-            with Progress(total, "checking", fmt=size) as checking:
+            with progress_bar("checking", total, in_bytes=True) as checking:
                 problems = admin.check_lines(_numbered_lines(source, checking))
             if problems:
                 shown = problems[:20]
@@ -385,13 +423,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
             out.flush()
 
         def report_problem(found: admin.LineProblem) -> None:
-            bar.close()
-            _note(f"ordering replay: {found}, skipped")
+            _note(f"ordering replay: {found}, skipped")  # above the bar, if one is drawn
 
         # Not when the events themselves go to the same terminal: the two would mix.
         to_terminal = out is sys.stdout and sys.stdout.isatty()
         bar = stack.enter_context(
-            Progress(total, "replaying", fmt=size, enabled=False if to_terminal else None)
+            progress_bar("replaying", total, in_bytes=True, show=not to_terminal)
         )
         report = _run(
             admin.replay(

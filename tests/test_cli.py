@@ -23,7 +23,6 @@ from ordering import SEEN_EXPIRATION, CausalOrdering, ReceivedEvent, SchemaError
 from ordering.causal import dispose_engines
 from ordering.cli import build_parser, main
 from ordering.migrate import upgrade
-from ordering.progress import Progress, size
 
 from .helpers import MutableClock, assert_causal, make_chain, make_event
 
@@ -463,17 +462,85 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_draws_only_on_a_terminal() -> None:
-    terminal = Terminal()
-    with Progress(2048, "replaying", stream=terminal, fmt=size, min_interval=0) as bar:
-        bar.advance(1024)
-        assert bar.render() == f"replaying [{'#' * 15}{'.' * 15}]  50%  1.0 KiB/2.0 KiB"
-        bar.advance(1024)
-    drawn = terminal.getvalue()
-    assert "1.0 KiB/2.0 KiB" in drawn and "2.0 KiB/2.0 KiB" in drawn
-    assert drawn.endswith("\r\x1b[K")  # erased, leaving the line to the summary
+@pytest.fixture
+def terminal_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What rich reads besides isatty(), set as in a person's terminal."""
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
 
-    piped = io.StringIO()
-    with Progress(10, "pruning", stream=piped) as bar:
-        bar.advance(10)
-    assert piped.getvalue() == ""
+
+def seed_prunable(url: str, scope: str) -> None:
+    """Two seen events and one lease, all expired at T0 + SEEN_EXPIRATION + 1s."""
+    clock = MutableClock(T0)
+
+    async def seed() -> None:
+        ordering = CausalOrdering(scope, url=url, clock=clock)
+        await ordering.record_event_as_seen(make_event(clock))
+        await ordering.record_event_as_seen(make_event(clock))
+        assert await ordering.record_event_as_processing(make_event(clock))
+        await dispose_engines()
+
+    asyncio.run(seed())
+
+
+def test_prune_draws_a_bar_only_on_a_terminal(
+    db_url: str, scope: str, monkeypatch: pytest.MonkeyPatch, terminal_env: None
+) -> None:
+    now = (T0 + SEEN_EXPIRATION + timedelta(seconds=1)).isoformat()
+    argv = ["prune", "--url", db_url, "--scope", scope, "--now", now]
+    seed_prunable(db_url, scope)
+    try:
+        # Piped or logged: no bar.
+        stdout, piped = io.StringIO(), io.StringIO()
+        monkeypatch.setattr(sys, "stdout", stdout)
+        monkeypatch.setattr(sys, "stderr", piped)
+        assert main([*argv, "--dry-run"]) == 0
+        assert (
+            stdout.getvalue()
+            == f"would delete 2 seen events and 1 expired lease in scope {scope!r}\n"
+        )
+        assert piped.getvalue() == ""
+
+        stdout, terminal = io.StringIO(), Terminal()
+        monkeypatch.setattr(sys, "stdout", stdout)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main([*argv, "--batch-size", "1"]) == 0
+        assert (
+            stdout.getvalue() == f"deleted 2 seen events and 1 expired lease in scope {scope!r}\n"
+        )
+        drawn = terminal.getvalue()
+        assert "pruning" in drawn and "3/3" in drawn  # the rows are counted first
+        assert drawn.endswith("\x1b[2K")  # erased, leaving the line to what follows
+    finally:
+        _clear(db_url, scope)
+
+
+def test_replay_draws_a_bar_unless_the_events_go_to_the_same_terminal(
+    db_url: str, scope: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal_env: None
+) -> None:
+    chain = make_chain(MutableClock(T0), 3)
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(e.model_dump_json() + "\n" for e in chain[:2]) + "{not json\n")
+    try:
+        # Events piped on, stderr a terminal: a bar, and the bad line's note above it.
+        piped, terminal = io.StringIO(), Terminal()
+        monkeypatch.setattr(sys, "stdout", piped)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(["replay", str(path), "--url", db_url, "--scope", scope]) == 0
+        assert [e.id for e in read_events(piped.getvalue())] == [chain[0].id, chain[1].id]
+        drawn = terminal.getvalue()
+        assert "replaying" in drawn
+        [note] = [line for line in drawn.splitlines() if "line 3: invalid JSON" in line]
+        assert note.endswith(", skipped")  # one line, however wide the terminal
+        assert drawn.rstrip().endswith("1 bad line skipped")
+
+        # Events on the terminal: no bar to mix with them.
+        shared = Terminal()
+        monkeypatch.setattr(sys, "stdout", shared)
+        monkeypatch.setattr(sys, "stderr", shared)
+        assert main(["replay", str(path), "--url", db_url, "--scope", scope]) == 0
+        assert "replaying" not in shared.getvalue()
+        assert "2 already seen (skipped)" in shared.getvalue()
+    finally:
+        _clear(db_url, scope)
