@@ -6,13 +6,11 @@ import random
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
-from sqlalchemy import func, select
-
+from . import admin
 from .causal import CausalOrdering, dispose_engines
 from .engine import safe_url
 from .exceptions import EventArrivedEarly
 from .models import ReceivedEvent
-from .schema import processing_leases, seen_events, waiting_followers
 
 SCOPE = "demo"
 
@@ -95,20 +93,19 @@ async def run_demo(url: str, *, seed: int = 7) -> int:
         f"({len(handled)} of {len(events)} handled; the orphan waits for its leader)"
     )
 
-    async with ordering.store.engine.connect() as connection:
-        counts = {}
-        for label, table in (
-            ("seen events", seen_events),
-            ("processing leases", processing_leases),
-            ("waiting followers", waiting_followers),
-        ):
-            query = select(func.count()).select_from(table).where(table.c.scope == SCOPE)
-            counts[label] = (await connection.execute(query)).scalar_one()
+    (scope_status,) = await admin.status(ordering.url, scope=SCOPE)
+    counts = {
+        "seen events": scope_status.seen_live + scope_status.seen_expired,
+        "processing leases": scope_status.leases_live + scope_status.leases_expired,
+        "waiting followers": scope_status.waiting_unclaimed
+        + scope_status.waiting_claimed
+        + scope_status.waiting_claim_expired,
+    }
     print(f"\nThe tables now hold, for scope {SCOPE!r}:")
     for label, count in counts.items():
         print(f"  {label:<18} {count}")
     print(
-        "  (the orphan stays in ordering_waiting_followers until the 15-minute lookback "
+        "  (the orphan stays among the waiting followers until the 15-minute lookback "
         "passes;\n   get_lost_followers() then hands it out)"
     )
     await dispose_engines()

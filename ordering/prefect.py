@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 from . import causal, exceptions
 from .causal import EventHandler
 from .engine import URL_ENV, resolve_url, safe_url
+from .events import event_id
 
 __all__ = [
     "CausalOrdering",
@@ -228,9 +229,9 @@ class CausalOrdering(causal.CausalOrdering[ReceivedEvent], prefect_ordering.Caus
             event_type=ReceivedEvent,
         )
 
-    async def event_has_been_seen(self, event: UUID | Event) -> bool:
-        # Prefect's signature takes any Event (or an id); only the id is read.
-        return await super().event_has_been_seen(event if isinstance(event, UUID) else event.id)
+    async def event_has_been_seen(self, event: UUID | str | Event) -> bool:
+        # Prefect's signature takes any Event (or an id), not only a ReceivedEvent.
+        return await super().event_has_been_seen(event_id(event))
 
     async def wait_for_leader(self, event: ReceivedEvent) -> None:
         with _prefect_signals():

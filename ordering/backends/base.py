@@ -34,8 +34,8 @@ from uuid import UUID
 
 from ..exceptions import SchemaError, StoreUnavailable
 from ..notify import Waiter
-from ..sql import Query
 from ..schema import check_revision
+from ..sql import Query
 
 logger = logging.getLogger("ordering.backends")
 
@@ -155,6 +155,13 @@ class Backend(abc.ABC):
     dialect: str
     url: str
     listeners: list[StatementListener]
+    connections: Connections[Any]
+
+    async def ping(self) -> None:
+        """Open and close one connection, once, without retries: for a person or a
+        scheduler who asked, and should hear at once that the database is not there."""
+        connection = await self.connections.connect()
+        await self.connections.close(connection)
 
     # the hot path
     @abc.abstractmethod

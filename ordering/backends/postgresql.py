@@ -125,6 +125,7 @@ class PostgresConnections(Connections[asyncpg.Connection]):
 
 class PostgresBackend(Backend):
     dialect = "postgresql"
+    connections: PostgresConnections
 
     def __init__(
         self,

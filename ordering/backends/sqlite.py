@@ -153,6 +153,7 @@ class SqliteConnections(Connections[sqlite3.Connection]):
 
 class SqliteBackend(Backend):
     dialect = "sqlite"
+    connections: SqliteConnections
 
     def __init__(
         self,

@@ -121,7 +121,7 @@ ORDER BY scope, received, follower_id
 
 -- name: list_followers(scope, leader_id, lost_only, cutoff, now, row_limit)
 SELECT f.scope, f.follower_id, f.leader_id, f.occurred, f.received, f.claimed_by,
-       f.claimed_until, f.event::text
+       f.claimed_until, f.event::text, {lost(f, $4, $5)}
 FROM waiting_followers f
 WHERE ($1::text IS NULL OR f.scope = $1)
   AND ($2::uuid IS NULL OR f.leader_id = $2)

@@ -155,7 +155,7 @@ SELECT scope, follower_id, leader_id, received, event_name FROM (
 
 -- name: list_followers(scope, leader_id, lost_only, cutoff, now, row_limit)
 SELECT f.scope, f.follower_id, f.leader_id, f.occurred, f.received, f.claimed_by,
-       f.claimed_until, f.event
+       f.claimed_until, f.event, {lost(f, ?4, ?5)}
 FROM ordering_waiting_followers f
 WHERE (?1 IS NULL OR f.scope = ?1)
   AND (?2 IS NULL OR f.leader_id = ?2)
