@@ -35,6 +35,8 @@ class Labelled(RootModel[dict[str, str]]):
     def __getitem__(self, label: str) -> str:
         return self.root[label]
 
+    # pydantic's BaseModel.__iter__ yields (field, value) pairs; labels iterate like the
+    # mapping they are, as Prefect's own Labelled does: a deliberate override.
     def __iter__(self) -> Iterator[str]:  # type: ignore[override]
         return iter(self.root)
 

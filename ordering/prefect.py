@@ -6,13 +6,15 @@ Point a Prefect 3 server at it with one setting::
 
 Prefect then builds ``CausalOrdering(scope="triggers")`` once per event.  Construction
 does no I/O and opens nothing: every instance on the same URL shares the store's one
-engine and pool per event loop, and the URL is worked out once per distinct setting.
+backend and its connections per event loop, and the URL is worked out once per
+distinct setting.
 
 The database is ``$ORDERING_DATABASE_URL`` when set, else Prefect's own database
 (``PREFECT_API_DATABASE_CONNECTION_URL`` / ``PREFECT_SERVER_DATABASE_CONNECTION_URL``,
-by default a SQLite file under ``PREFECT_HOME``).  Our tables are prefixed
-``ordering_`` and our alembic version table is ``ordering_alembic_version``, so they sit
-beside Prefect's; create them with ``ordering migrate --url ...``.
+by default a SQLite file under ``PREFECT_HOME``).  On PostgreSQL our objects live in a
+schema of their own (``ordering``), so Prefect's ``database reset`` neither trips on
+nor drops them; on SQLite they are prefixed ``ordering_``, alembic's version table
+included.  Create them with ``ordering migrate --url ...``.
 
 This is the only module of the package that imports Prefect.
 """
