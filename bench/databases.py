@@ -30,6 +30,11 @@ class DatabaseUnavailable(RuntimeError):
     """The PostgreSQL server could not be reached to create the bench database."""
 
 
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for the report."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def admin_url(pg_url: str | None) -> str:
     """The server URL to create bench databases on: the flag, the environment, the default."""
     return pg_url or os.environ.get(PG_URL_ENV) or DEFAULT_PG_URL

@@ -23,14 +23,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, String, TextClause, bindparam, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import DateTime, Integer, String, TextClause, bindparam, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent
+from ordering import SEEN_EXPIRATION, CausalOrdering, EventArrivedEarly, ReceivedEvent
 from ordering.causal import dispose_engines
-from ordering.constants import SEEN_EXPIRATION
-from ordering.engine import create_engine
-from ordering.schema import UTCDateTime
 
 from .memory import maxrss_kib, rss_kib
 from .results import Growth
@@ -54,16 +51,41 @@ _NEW_ID = {"postgresql": "gen_random_uuid()", "sqlite": "lower(hex(randomblob(16
 _JSON = {"postgresql": "CAST(:event AS JSONB)", "sqlite": ":event"}
 
 
-def _preload_sql(dialect: str, table: str) -> TextClause:
+def create_engine(url: str) -> AsyncEngine:
+    """The bench's own engine for the bulk writes (the store has none to lend)."""
+    return create_async_engine(url)
+
+
+def _time_type(dialect: str) -> Any:
+    """Times as the store keeps them: timestamptz on PostgreSQL; on SQLite naive UTC
+    text of fixed width (``2026-01-01 00:00:00.000000``), so text order is time order."""
+    return String() if dialect == "sqlite" else DateTime(timezone=True)
+
+
+def _time(dialect: str, at: datetime) -> Any:
+    if dialect == "sqlite":
+        return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return at
+
+
+async def _table(engine: AsyncEngine, name: str) -> str:
+    """The table's name: in the ``ordering`` schema on PostgreSQL where it exists,
+    else with the ``ordering_`` prefix."""
+    if engine.dialect.name != "postgresql":
+        return f"ordering_{name}"
+    async with engine.connect() as connection:
+        found = await connection.scalar(text(f"SELECT to_regclass('ordering.{name}') IS NOT NULL"))
+    return f"ordering.{name}" if found else f"ordering_{name}"
+
+
+def _preload_sql(dialect: str, table: str, name: str) -> TextClause:
     """One INSERT ... SELECT that makes ``:n`` rows in the database itself."""
     new_id = _NEW_ID[dialect]
     if table == "seen":
-        target = "ordering_seen_events (scope, event_id, seen_at)"
+        target = f"{name} (scope, event_id, seen_at)"
         values = f":scope, {new_id}, :at"
     else:
-        target = (
-            "ordering_waiting_followers (scope, follower_id, leader_id, occurred, received, event)"
-        )
+        target = f"{name} (scope, follower_id, leader_id, occurred, received, event)"
         values = f":scope, {new_id}, {new_id}, :at, :at, {_JSON[dialect]}"
     if dialect == "postgresql":
         sql = f"INSERT INTO {target} SELECT {values} FROM generate_series(1, :n)"
@@ -74,19 +96,20 @@ def _preload_sql(dialect: str, table: str) -> TextClause:
         )
     return text(sql).bindparams(
         bindparam("scope", type_=String()),
-        bindparam("at", type_=UTCDateTime()),
+        bindparam("at", type_=_time_type(dialect)),
         bindparam("n", type_=Integer()),
     )
 
 
 async def preload(engine: AsyncEngine, scope: str, table: str, rows: int, at: datetime) -> None:
     dialect = engine.dialect.name
-    statement = _preload_sql(dialect, table)
+    name = await _table(engine, "seen_events" if table == "seen" else "waiting_followers")
+    statement = _preload_sql(dialect, table, name)
     done = 0
     async with engine.connect() as connection:
         while done < rows:
             batch = min(BATCH, rows - done)
-            params: dict[str, Any] = {"scope": scope, "at": at, "n": batch}
+            params: dict[str, Any] = {"scope": scope, "at": _time(dialect, at), "n": batch}
             if table != "seen":
                 params["event"] = FOLLOWER_JSON
             await connection.execute(statement, params)
@@ -171,10 +194,13 @@ def _prune_process(url: str, out: Any) -> None:
 
 
 async def _count_seen(engine: AsyncEngine, before: datetime) -> int:
-    statement = text("SELECT count(*) FROM ordering_seen_events WHERE seen_at < :before")
-    statement = statement.bindparams(bindparam("before", type_=UTCDateTime()))
+    dialect = engine.dialect.name
+    name = await _table(engine, "seen_events")
+    statement = text(f"SELECT count(*) FROM {name} WHERE seen_at < :before")
+    statement = statement.bindparams(bindparam("before", type_=_time_type(dialect)))
     async with engine.connect() as connection:
-        return int((await connection.execute(statement, {"before": before})).scalar_one())
+        result = await connection.execute(statement, {"before": _time(dialect, before)})
+        return int(result.scalar_one())
 
 
 async def _work_until(url: str, out: Any, seed: int) -> tuple[Timing, tuple[str, Any]]:

@@ -18,21 +18,25 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import pstats
+import sqlite3
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AsyncExitStack, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ordering import CausalOrdering, ReceivedEvent
 from ordering.causal import dispose_engines
 
+from .databases import asyncpg_connect
 from .sql import run_workload, warm_up
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,48 +157,36 @@ def _median(values: list[float]) -> float:
 
 async def micro(url: str, count: int = 2000) -> dict[str, tuple[float, float]]:
     ordering = CausalOrdering(f"bench-micro-{uuid.uuid4().hex[:8]}", url=url)
-    store = ordering.store
-    engine = store.engine
     now = datetime.now(UTC)
     leader = uuid.uuid4()
-    await store.leader_status(ordering.scope, leader, now, now)  # schema check, pool
-    select_one = text("SELECT 1")
+    await ordering.event_has_been_seen(leader)  # schema check, connections
     actions: dict[str, Callable[[], Awaitable[Any]]] = {}
+    async with AsyncExitStack() as stack:
+        # Before the backends the store ran on a SQLAlchemy engine: its costs, then.
+        engine = getattr(getattr(ordering, "store", None), "engine", None)
+        if isinstance(engine, AsyncEngine):
+            await _sqlalchemy_actions(engine, stack, actions)
+        elif url.startswith("postgresql"):
+            raw = await asyncpg_connect(url)
+            stack.push_async_callback(raw.close)
 
-    async def checkout() -> None:
-        connection = engine.connect()
-        await connection.start()
-        await connection.close()
-
-    actions["pool checkout + return (AsyncConnection start/close)"] = checkout
-    async with engine.connect() as connection:
-
-        async def sa_text() -> None:
-            (await connection.execute(select_one)).scalar()
-
-        async def sa_driver_sql() -> None:
-            (await connection.exec_driver_sql("SELECT 1")).scalar()
-
-        raw: Any = (await connection.get_raw_connection()).driver_connection
-        if engine.dialect.name == "postgresql":
-
-            async def bare() -> None:
+            async def bare_asyncpg() -> None:
                 await raw.fetchval("SELECT 1")
 
-            actions["SELECT 1, bare asyncpg fetchval"] = bare
+            actions["SELECT 1, bare asyncpg fetchval"] = bare_asyncpg
         else:
+            database = sqlite3.connect(make_url(url).database or ":memory:")
+            stack.callback(database.close)
 
-            async def bare() -> None:
-                await raw.execute_fetchall("SELECT 1")
+            async def bare_sqlite() -> None:
+                database.execute("SELECT 1").fetchall()
 
-            actions["SELECT 1, bare aiosqlite execute_fetchall (1 hop)"] = bare
-        actions["SELECT 1, SQLAlchemy exec_driver_sql"] = sa_driver_sql
-        actions["SELECT 1, SQLAlchemy execute(text())"] = sa_text
+            actions["SELECT 1, bare sqlite3 on the loop's thread"] = bare_sqlite
 
-        async def leader_status() -> None:
-            await store.leader_status(ordering.scope, leader, now, now)
+        async def seen() -> None:
+            await ordering.event_has_been_seen(leader)
 
-        actions["Store.leader_status (one hot-path read, whole store path)"] = leader_status
+        actions["CausalOrdering.event_has_been_seen (one hot-path read, whole path)"] = seen
         event = ReceivedEvent(
             occurred=now,
             event="bench.event",
@@ -221,6 +213,42 @@ async def micro(url: str, count: int = 2000) -> dict[str, tuple[float, float]]:
         actions["CausalOrdering(scope) construction"] = construct
         actions["asyncio.sleep(0) (one loop turn)"] = loop_turn
         return await _compare(actions, count)
+
+
+async def _sqlalchemy_actions(
+    engine: AsyncEngine, stack: AsyncExitStack, actions: dict[str, Callable[[], Awaitable[Any]]]
+) -> None:
+    select_one = text("SELECT 1")
+
+    async def checkout() -> None:
+        connection = engine.connect()
+        await connection.start()
+        await connection.close()
+
+    actions["pool checkout + return (AsyncConnection start/close)"] = checkout
+    connection = await stack.enter_async_context(engine.connect())
+
+    async def sa_text() -> None:
+        (await connection.execute(select_one)).scalar()
+
+    async def sa_driver_sql() -> None:
+        (await connection.exec_driver_sql("SELECT 1")).scalar()
+
+    raw: Any = (await connection.get_raw_connection()).driver_connection
+    if engine.dialect.name == "postgresql":
+
+        async def bare() -> None:
+            await raw.fetchval("SELECT 1")
+
+        actions["SELECT 1, bare asyncpg fetchval"] = bare
+    else:
+
+        async def bare() -> None:
+            await raw.execute_fetchall("SELECT 1")
+
+        actions["SELECT 1, bare aiosqlite execute_fetchall (1 hop)"] = bare
+    actions["SELECT 1, SQLAlchemy exec_driver_sql"] = sa_driver_sql
+    actions["SELECT 1, SQLAlchemy execute(text())"] = sa_text
 
 
 # -- the report ----------------------------------------------------------------------
