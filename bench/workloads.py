@@ -14,13 +14,14 @@ time, so the latency of one top-level call is the store's per-event cost.
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import gc
 import math
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +29,16 @@ from uuid import UUID
 
 WORKLOADS = ("in-order", "jumbled", "independent")
 CHAIN_LENGTH = 10
+#: In-order again, constructing the ordering for every call.
+PER_CALL = "in-order, new CausalOrdering per call"
+#: In-order through the calls Prefect's triggers service makes for each message.
+PREFECT_CALLS = "in-order, Prefect's calls (seen check, new CausalOrdering per call)"
+#: The workload the consumers table runs, split among the consumer tasks.
+CONCURRENT_WORKLOAD = "independent"
+
+
+def consumer_label(consumers: int) -> str:
+    return f"{CONCURRENT_WORKLOAD}, {consumers} consumer{'s' if consumers != 1 else ''}"
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,47 @@ class Consumer:
             self.parked += 1
 
 
+class PrefectConsumer(Consumer):
+    """The calls Prefect's triggers service makes per message: ``event_has_been_seen``
+    on a long-lived instance first (a seen event is skipped), then
+    ``preceding_event_confirmed`` on an instance ``ordering_for`` makes for the call."""
+
+    def __init__(
+        self,
+        ordering_for: Callable[[], Any],
+        arrived_early: type[BaseException],
+        seen: Callable[[UUID], Awaitable[bool]],
+    ):
+        super().__init__(ordering_for, arrived_early)
+        self.seen = seen
+        self.skipped = 0
+
+    async def consume(self, event: Any) -> None:
+        if await self.seen(event.id):
+            self.skipped += 1
+            return
+        await super().consume(event)
+
+
+def make_consumer(
+    new_ordering: Callable[[], Any],
+    arrived_early: type[BaseException],
+    *,
+    per_call: bool = False,
+    prefect_calls: bool = False,
+) -> Consumer:
+    """The consumer for one run: one instance for every call, a new one per call, or
+    Prefect's calls (a seen check on a long-lived instance, then a new one per call).
+    The same for ours and for a peer."""
+    if prefect_calls:
+        long_lived = new_ordering()
+        return PrefectConsumer(new_ordering, arrived_early, long_lived.event_has_been_seen)
+    if per_call:
+        return Consumer(new_ordering, arrived_early)
+    ordering = new_ordering()
+    return Consumer(lambda: ordering, arrived_early)
+
+
 @dataclass
 class Timing:
     seconds: float
@@ -148,6 +200,37 @@ async def deliver(
     finished = clock()
     if profiler is not None:
         profiler.disable()
+    return Timing((finished - started) / 1e9, latencies, starts)
+
+
+def split(events: Sequence[Any], consumers: int) -> list[list[Any]]:
+    """The events dealt round-robin to ``consumers`` shares (none of them empty)."""
+    count = max(1, min(consumers, len(events)))
+    return [list(events[i::count]) for i in range(count)]
+
+
+async def deliver_concurrently(
+    consumers: Sequence[Consumer], shares: Sequence[Sequence[Any]]
+) -> Timing:
+    """Each consumer delivers its share one event after another, all consumers at once
+    as tasks of this event loop; the time is from the start to the last one's end."""
+    gc.collect()
+    clock = time.monotonic_ns
+    latencies: list[int] = []
+    starts: list[int] = []
+
+    async def run(consumer: Consumer, events: Sequence[Any]) -> None:
+        for event in events:
+            before = clock()
+            await consumer.consume(event)
+            latencies.append(clock() - before)
+            starts.append(before)
+
+    started = clock()
+    async with asyncio.TaskGroup() as group:
+        for consumer, events in zip(consumers, shares, strict=True):
+            group.create_task(run(consumer, events))
+    finished = clock()
     return Timing((finished - started) / 1e9, latencies, starts)
 
 
