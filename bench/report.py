@@ -27,10 +27,17 @@ def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> lis
     return lines
 
 
-def _workload_row(result: WorkloadResult) -> list[str]:
+def _workload_row(result: WorkloadResult, beside: str | None = None) -> list[str]:
     implementation = result.implementation
     if result.dialect:
         implementation = f"{implementation} ({result.dialect})"
+    elif beside:
+        implementation = f"{implementation} (next to {beside})"
+    uncounted = result.counting == "n/a"
+
+    def counted(value: float | None, digits: int) -> str:
+        return "n/a" if uncounted else _number(value, digits)
+
     return [
         implementation,
         result.workload,
@@ -40,10 +47,10 @@ def _workload_row(result: WorkloadResult) -> list[str]:
         _number(result.p99_ms, 2),
         _number(result.us_per_event),
         _number(result.commit_ratio, 2),
-        _number(result.statements_per_event, 2),
-        _number(result.transactions_per_event, 2),
-        _number(result.round_trips_per_event, 2),
-        _number(result.thread_hops_per_event, 1),
+        counted(result.statements_per_event, 2),
+        counted(result.transactions_per_event, 2),
+        counted(result.round_trips_per_event, 2),
+        counted(result.thread_hops_per_event, 1),
     ]
 
 
@@ -66,9 +73,12 @@ WORKLOAD_HEADER = [
 def markdown(results: BenchResults) -> str:
     lines: list[str] = [f"## ordering bench — {results.meta.get('started', '')}", ""]
     rows = [_workload_row(r) for d in results.dialects for r in d.workloads]
+    rows += [_workload_row(r, d.dialect) for d in results.dialects for r in _single(d.peer)]
     rows += [_workload_row(r) for r in results.reference]
     if rows:
         lines += [*_table(WORKLOAD_HEADER, rows, right_from=2), ""]
+    lines += _peer_section(results.dialects)
+    lines += _consumers_section(results.dialects)
     lines += _limits_section(results.dialects)
     lines += _cpu_section([r for d in results.dialects for r in d.workloads])
     for dialect in results.dialects:
@@ -82,6 +92,96 @@ def markdown(results: BenchResults) -> str:
     if notes:
         lines += ["Notes:"] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+def _single(rows: list[WorkloadResult]) -> list[WorkloadResult]:
+    return [r for r in rows if r.consumers is None]
+
+
+def _ratio(ours: float, theirs: float | None) -> str:
+    return _number(ours / theirs, 2) if theirs else "-"
+
+
+def _peer_section(dialects: list[DialectResults]) -> list[str]:
+    """Ours against the Redis peer, workload by workload, each pair measured together."""
+    rows = []
+    for d in dialects:
+        theirs = {r.workload: r for r in _single(d.peer)}
+        for ours in d.workloads:
+            peer = theirs.get(ours.workload)
+            if peer is None:
+                continue
+            rows.append(
+                [
+                    d.dialect,
+                    ours.workload,
+                    _number(ours.events_per_s),
+                    _number(peer.events_per_s),
+                    _ratio(ours.events_per_s, peer.events_per_s),
+                    _number(ours.p50_ms, 2),
+                    _number(peer.p50_ms, 2),
+                    "n/a" if ours.counting == "n/a" else _number(ours.round_trips_per_event, 2),
+                    _number(peer.round_trips_per_event, 2),
+                    _number(peer.statements_per_event, 2),
+                ]
+            )
+    if not rows:
+        return []
+    header = [
+        "ours vs prefect-redis",
+        "workload",
+        "ours events/s",
+        "prefect-redis events/s",
+        "ours / prefect-redis",
+        "ours p50 ms",
+        "prefect-redis p50 ms",
+        "ours round trips/event",
+        "prefect-redis round trips/event",
+        "prefect-redis commands/event",
+    ]
+    return [*_table(header, rows, right_from=2), ""]
+
+
+def _consumers_section(dialects: list[DialectResults]) -> list[str]:
+    """C consumer tasks in one process sharing the independent events."""
+    rows = []
+    for d in dialects:
+        theirs = {r.consumers: r for r in d.peer if r.consumers is not None}
+        ours_one = next((r.events_per_s for r in d.concurrency if r.consumers == 1), None)
+        peer_one = theirs[1].events_per_s if 1 in theirs else None
+        for ours in d.concurrency:
+            peer = theirs.get(ours.consumers or 0)
+            rows.append(
+                [
+                    d.dialect,
+                    _number(ours.consumers),
+                    _number(ours.events),
+                    _number(ours.events_per_s),
+                    _ratio(ours.events_per_s, ours_one),
+                    _number(ours.p50_ms, 2),
+                    _number(ours.p99_ms, 2),
+                    _number(peer.events_per_s if peer else None),
+                    _ratio(peer.events_per_s, peer_one) if peer else "-",
+                    _number(peer.p50_ms if peer else None, 2),
+                    _ratio(ours.events_per_s, peer.events_per_s if peer else None),
+                ]
+            )
+    if not rows:
+        return []
+    header = [
+        "consumer tasks, one process (independent)",
+        "consumers",
+        "events",
+        "ours events/s",
+        "ours x 1 consumer",
+        "ours p50 ms",
+        "ours p99 ms",
+        "prefect-redis events/s",
+        "prefect-redis x 1 consumer",
+        "prefect-redis p50 ms",
+        "ours / prefect-redis",
+    ]
+    return [*_table(header, rows, right_from=1), ""]
 
 
 def _limits_section(dialects: list[DialectResults]) -> list[str]:
@@ -148,11 +248,16 @@ def _construction_section(dialect: DialectResults) -> list[str]:
     c = dialect.construction
     if c is None:
         return []
+    if c.construct_and_store_us is None:
+        shared = "what instances share is not visible from outside (n/a); live engines and backends"
+    else:
+        shared = (
+            f"with what it shares looked up {c.construct_and_store_us:.2f} µs; "
+            f"{c.distinct_engines} distinct engine(s) or backend(s); live"
+        )
     return [
-        f"Construction ({dialect.dialect}): `CausalOrdering(scope)` {c.construct_us:.2f} µs, "
-        f"with `.store` {c.construct_and_store_us:.2f} µs (x{c.constructions:,}); "
-        f"{c.distinct_engines} distinct engine(s); live engines "
-        f"{c.engines_before} before, {c.engines_after} after.",
+        f"Construction ({dialect.dialect}): `CausalOrdering(scope)` {c.construct_us:.2f} µs "
+        f"(x{c.constructions:,}); {shared} {c.engines_before} before, {c.engines_after} after.",
         "",
     ]
 

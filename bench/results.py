@@ -33,6 +33,10 @@ class WorkloadResult:
     #: CPU of the bench process (every thread) and of the PostgreSQL backends, per event
     client_cpu_us_per_event: float | None = None
     server_cpu_us_per_event: float | None = None
+    #: how the statements were counted; "n/a" when they could not be
+    counting: str = ""
+    #: concurrent consumer tasks in the process (the consumers table)
+    consumers: int | None = None
 
     @classmethod
     def build(
@@ -58,14 +62,19 @@ class WorkloadResult:
             parked=parked,
         )
         if counts is not None:
+            result.counting = counts.method
             result.statements_per_event = counts.statements / events
-            result.transactions_per_event = counts.transactions / events
+            if counts.transactions_counted:
+                result.transactions_per_event = counts.transactions / events
             # PostgreSQL: one round trip per statement; SQLite: statements stand for
-            # thread hops (the measured hops are in thread_hops_per_event).
-            result.round_trips_per_event = counts.statements / events
-            result.checkouts_per_event = counts.checkouts / events
-            result.connections_opened = counts.connects
-            if dialect == "sqlite":
+            # thread hops (the measured hops are in thread_hops_per_event).  Redis:
+            # the client's sends, a pipeline being one.
+            trips = counts.statements if counts.round_trips is None else counts.round_trips
+            result.round_trips_per_event = trips / events
+            if counts.checkouts_counted:
+                result.checkouts_per_event = counts.checkouts / events
+                result.connections_opened = counts.connects
+            if dialect == "sqlite" and counts.thread_hops_counted:
                 result.thread_hops_per_event = counts.thread_hops / events
             result.statements = {
                 name: round(count / events, 3)
@@ -124,8 +133,9 @@ class Construction:
     dialect: str
     constructions: int
     construct_us: float
-    construct_and_store_us: float
-    distinct_engines: int
+    #: None when the shared backend (or engine) is not visible from outside
+    construct_and_store_us: float | None
+    distinct_engines: int | None
     engines_before: int
     engines_after: int
 
@@ -179,6 +189,10 @@ class DialectResults:
     url: str
     limits: Limits | None = None
     workloads: list[WorkloadResult] = field(default_factory=list)
+    #: the Redis peer's rows, each measured next to the workload of ours it is paired with
+    peer: list[WorkloadResult] = field(default_factory=list)
+    #: several consumer tasks in one process, ours and the Redis peer's
+    concurrency: list[WorkloadResult] = field(default_factory=list)
     construction: Construction | None = None
     wakeup: list[Wakeup] = field(default_factory=list)
     workers: list[WorkersRun] = field(default_factory=list)

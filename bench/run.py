@@ -17,21 +17,26 @@ import platform
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ordering.causal import dispose_engines
-from ordering.engine import safe_url
 
-from . import growth, profiling, reference, wakeup, workers
-from .databases import DatabaseUnavailable, admin_url, postgres_database, sqlite_database
+from . import profiling, redis_peer, reference, wakeup, workers
+from .databases import (
+    DatabaseUnavailable,
+    admin_url,
+    postgres_database,
+    safe_url,
+    sqlite_database,
+)
 from .limits import postgres_limits, sqlite_limits
 from .report import markdown, write_json
-from .results import BenchResults, DialectResults, Limits
-from .sql import PER_CALL, measure_construction, run_workload, warm_up
-from .workloads import WORKLOADS
+from .results import BenchResults, DialectResults, Limits, WorkloadResult
+from .sql import PER_CALL, measure_construction, run_consumers, run_workload, warm_up
+from .workloads import PREFECT_CALLS, WORKLOADS
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 DIALECTS = ("sqlite", "postgresql")
@@ -52,6 +57,19 @@ def _not_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {text!r}")
     return value
+
+
+def _consumer_counts(text: str) -> list[int]:
+    """``1,4,16,64``; ``0`` (or nothing) for none."""
+    try:
+        counts = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a comma-separated list of numbers, not {text!r}"
+        ) from None
+    if any(count < 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"consumer counts must not be negative: {text!r}")
+    return list(dict.fromkeys(count for count in counts if count > 0))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -132,6 +150,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "installed), e.g. /work/venv-prefect/bin/python",
     )
     parser.add_argument(
+        "--consumers",
+        type=_consumer_counts,
+        default=[1, 4, 16, 64],
+        metavar="C,C,...",
+        help="concurrent consumer tasks in one process sharing the independent events, "
+        "for ours and the Redis peer (default 1,4,16,64; 0 skips)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="Redis for the prefect-redis peer (default $ORDERING_BENCH_REDIS_URL, else "
+        f"{redis_peer.DEFAULT_URL}); the run's keys are deleted at the end",
+    )
+    parser.add_argument(
+        "--no-redis",
+        action="store_true",
+        help="skip the prefect-redis peer even when prefect_redis is importable",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also profile the workloads with cProfile and print where the time goes",
@@ -169,15 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     results = BenchResults(meta=_meta(args))
+    peer = None if args.no_redis else _open_peer(args, results.notes)
     try:
         for dialect in args.dialect:
             _progress(f"{dialect}: starting")
             if dialect == "sqlite":
                 with sqlite_database() as (url, directory):
-                    results.dialects.append(_bench_dialect(args, dialect, url, directory))
+                    results.dialects.append(_bench_dialect(args, dialect, url, directory, peer))
             else:
                 with postgres_database(admin_url(args.pg_url)) as url:
-                    results.dialects.append(_bench_dialect(args, dialect, url, None))
+                    results.dialects.append(_bench_dialect(args, dialect, url, None, peer))
     except DatabaseUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -200,11 +237,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if any(d.failed for d in results.dialects) else 0
 
 
+def _open_peer(args: argparse.Namespace, notes: list[str]) -> redis_peer.Peer | None:
+    """The prefect-redis peer, checked against its Redis; ``None`` (and a note) if not."""
+    url = redis_peer.redis_url(args.redis_url)
+    peer, why = redis_peer.open_peer(args.prefect_python, url)
+    if peer is None:
+        if why:
+            notes.append(why)
+        return None
+    _progress(f"redis peer: prefect-redis on {redis_peer.safe_url(url)}")
+
+    async def check() -> None:
+        try:
+            await peer.check()
+        finally:
+            await peer.finish()
+
+    try:
+        asyncio.run(check())
+    except Exception as exc:
+        notes.append(f"the Redis peer is skipped: {redis_peer.safe_url(url)}: {exc!r}")
+        return None
+    notes.append(
+        f"{redis_peer.IMPLEMENTATION}: prefect_redis.ordering.CausalOrdering on "
+        f"{redis_peer.safe_url(url)}, keys under {redis_peer.KEY_ROOT}:{peer.run_id}: "
+        "(deleted at the end)"
+    )
+    return peer
+
+
 def _bench_dialect(
-    args: argparse.Namespace, dialect: str, url: str, directory: Path | None
+    args: argparse.Namespace,
+    dialect: str,
+    url: str,
+    directory: Path | None,
+    peer: redis_peer.Peer | None,
 ) -> DialectResults:
     results = DialectResults(dialect=dialect, url=safe_url(url))
-    asyncio.run(_measure(args, results, url, directory))
+    asyncio.run(_measure(args, results, url, directory, peer))
     sections: list[tuple[str, Callable[[], None]]] = []
     if dialect == "postgresql" and args.wakeup_samples:
 
@@ -221,6 +291,8 @@ def _bench_dialect(
     if args.size:
 
         def measure_growth() -> None:
+            from . import growth  # imported here: it reaches into the tables directly
+
             empty = next((w.p50_ms for w in results.workloads if w.workload == "in-order"), None)
             results.growth = growth.measure(
                 url, dialect, args.size, args.events, args.seed, empty, results.notes
@@ -248,40 +320,110 @@ def _bench_dialect(
 
 
 async def _measure(
-    args: argparse.Namespace, results: DialectResults, url: str, directory: Path | None
+    args: argparse.Namespace,
+    results: DialectResults,
+    url: str,
+    directory: Path | None,
+    peer: redis_peer.Peer | None,
 ) -> None:
     async def limits() -> Limits:
         if directory is not None:
             return await sqlite_limits(directory, args.limit_samples)
         return await postgres_limits(url, args.limit_samples)
 
+    dialect = results.dialect
+    turn = 0
+
+    async def paired(
+        label: str, ours: Callable[[], Awaitable[WorkloadResult]], **peer_run: Any
+    ) -> WorkloadResult:
+        """Ours, and the peer's same measurement right before or after it (in turn),
+        so that both see the same moment of a noisy machine."""
+        nonlocal turn
+        _progress(f"{dialect}: {label}")
+        if peer is None:
+            return await ours()
+        turn += 1
+
+        async def theirs() -> None:
+            row = await peer.run(events=args.events, seed=args.seed, **peer_run)
+            row.dialect = None
+            results.peer.append(row)
+
+        if turn % 2:
+            await theirs()
+            return await ours()
+        mine = await ours()
+        await theirs()
+        return mine
+
+    notes = results.notes
     try:
         before = await limits()
         await warm_up(url, args.seed)
+        if peer is not None:
+            await peer.warm_up(args.seed)
         for workload in args.workload:
-            _progress(f"{results.dialect}: {workload}")
             results.workloads.append(
-                await run_workload(url, results.dialect, workload, args.events, args.seed)
+                await paired(
+                    workload,
+                    lambda w=workload: run_workload(  # type: ignore[misc]
+                        url, dialect, w, args.events, args.seed, notes=notes
+                    ),
+                    workload=workload,
+                )
             )
         if "in-order" in args.workload:
-            _progress(f"{results.dialect}: {PER_CALL}")
+            _progress(f"{dialect}: {PER_CALL}")
             results.workloads.append(
                 await run_workload(
-                    url, results.dialect, "in-order", args.events, args.seed, per_call=True
+                    url, dialect, "in-order", args.events, args.seed, per_call=True, notes=notes
+                )
+            )
+            results.workloads.append(
+                await paired(
+                    PREFECT_CALLS,
+                    lambda: run_workload(
+                        url,
+                        dialect,
+                        "in-order",
+                        args.events,
+                        args.seed,
+                        prefect_calls=True,
+                        notes=notes,
+                    ),
+                    workload="in-order",
+                    prefect_calls=True,
+                )
+            )
+        for consumers in args.consumers:
+            results.concurrency.append(
+                await paired(
+                    f"{consumers} consumer task(s)",
+                    lambda c=consumers: run_consumers(  # type: ignore[misc]
+                        url, dialect, c, args.events, args.seed
+                    ),
+                    workload="independent",
+                    consumers=consumers,
                 )
             )
         results.construction = await measure_construction(url, results.dialect, args.constructions)
         results.limits = Limits.average([before, await limits()])
-        for workload in results.workloads:
+        for workload in results.workloads + results.concurrency:
             workload.commit_ratio = workload.us_per_event / results.limits.insert_commit_us
-            if not workload.statements_per_event:
+        for workload in results.workloads:
+            if workload.counting and workload.counting != "n/a" and not workload.statements:
                 results.notes.append(
-                    f"{workload.workload}: no statement reached SQLAlchemy's cursor hooks; "
-                    "statements run on the driver directly must fire before_cursor_execute "
-                    "(when it has listeners) for the counts to mean anything"
+                    f"{workload.workload}: no statement reached the counter "
+                    f"({workload.counting}): statements the store sends some other way "
+                    "go uncounted, so the counts mean nothing"
                 )
     finally:
-        await dispose_engines()
+        try:
+            if peer is not None:
+                await peer.finish()
+        finally:
+            await dispose_engines()
 
 
 def _progress(message: str) -> None:

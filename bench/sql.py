@@ -3,23 +3,40 @@
 from __future__ import annotations
 
 import cProfile
-import gc
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent
 
-from .counting import SqlCounter
+from .counting import Counts, counter_for, live_shared_objects, shared_accessor
 from .cpu import ServerCpu, process_cpu_s
 from .results import Construction, WorkloadResult
-from .workloads import WORKLOADS, Consumer, check_causal, deliver, make_specs, materialize
+from .workloads import (
+    CONCURRENT_WORKLOAD,
+    PER_CALL,
+    PREFECT_CALLS,
+    WORKLOADS,
+    Consumer,
+    check_causal,
+    consumer_label,
+    deliver,
+    deliver_concurrently,
+    make_consumer,
+    make_specs,
+    materialize,
+    split,
+)
 
-#: Each workload, and the in-order one with a new CausalOrdering per call.
-PER_CALL = "in-order, new CausalOrdering per call"
+__all__ = [
+    "PER_CALL",
+    "PREFECT_CALLS",
+    "measure_construction",
+    "run_consumers",
+    "run_workload",
+    "warm_up",
+]
 
 
 def new_scope(label: str) -> str:
@@ -49,23 +66,34 @@ async def run_workload(
     seed: int,
     *,
     per_call: bool = False,
+    prefect_calls: bool = False,
     scope: str | None = None,
     profiler: cProfile.Profile | None = None,
     count: bool = True,
+    notes: list[str] | None = None,
 ) -> WorkloadResult:
     """One workload on a fresh scope (or ``scope``); with ``count``, its statements are
-    counted through SQLAlchemy's hooks in a pass of their own first (on another fresh
-    scope), so that the listeners' cost stays out of the timed pass."""
-    counts = None
+    counted in a pass of their own first (on another fresh scope), so that the
+    counters' cost stays out of the timed pass.  When they cannot be counted, the
+    row says n/a and the reason goes to ``notes``."""
+    counts: Counts | None = None
+    uncounted = ""
     if count:
-        counts = await _count_statements(url, workload, events, seed, per_call=per_call)
+        counts, why = await _count_statements(
+            url, workload, events, seed, per_call=per_call, prefect_calls=prefect_calls
+        )
+        if counts is None:
+            uncounted = "n/a"
+            if notes is not None and why and f"statements not counted: {why}" not in notes:
+                notes.append(f"statements not counted: {why}")
     specs = make_specs(workload, events, seed)
-    scope = scope or new_scope(workload)
-    ordering = CausalOrdering(scope, url=url)
-    ordering_for: Callable[[], Any] = (
-        (lambda: CausalOrdering(scope, url=url)) if per_call else (lambda: ordering)
+    the_scope = scope or new_scope(workload)
+    consumer = make_consumer(
+        lambda: CausalOrdering(the_scope, url=url),
+        EventArrivedEarly,
+        per_call=per_call,
+        prefect_calls=prefect_calls,
     )
-    consumer = Consumer(ordering_for, EventArrivedEarly)
     models = materialize(specs, ReceivedEvent)
     server = ServerCpu(url) if dialect == "postgresql" else None
     server_before = await server.snapshot() if server else {}
@@ -77,12 +105,13 @@ async def run_workload(
     result = WorkloadResult.build(
         "ordering",
         dialect,
-        PER_CALL if per_call else workload,
+        PREFECT_CALLS if prefect_calls else PER_CALL if per_call else workload,
         len(specs),
         timing,
         consumer.parked,
         counts,
     )
+    result.counting = result.counting or uncounted
     result.client_cpu_us_per_event = client_cpu / result.events * 1e6
     if server is not None and server.readable and server_cpu is not None:
         result.server_cpu_us_per_event = server_cpu / result.events * 1e6
@@ -90,46 +119,77 @@ async def run_workload(
 
 
 async def _count_statements(
-    url: str, workload: str, events: int, seed: int, *, per_call: bool
-) -> Any:
-    """The statements, transactions and hops of one pass of the workload, counted."""
+    url: str, workload: str, events: int, seed: int, *, per_call: bool, prefect_calls: bool
+) -> tuple[Counts | None, str | None]:
+    """The statements, transactions and hops of one pass of the workload, counted; or
+    ``None`` and why, when the library offers no way in."""
     scope = new_scope(workload)
     ordering = CausalOrdering(scope, url=url)
-    ordering_for: Callable[[], Any] = (
-        (lambda: CausalOrdering(scope, url=url)) if per_call else (lambda: ordering)
+    await ordering.event_has_been_seen(uuid.uuid4())  # its backend now exists on this loop
+    counter, why = counter_for(ordering)
+    if counter is None:
+        return None, why
+    consumer = make_consumer(
+        lambda: CausalOrdering(scope, url=url),
+        EventArrivedEarly,
+        per_call=per_call,
+        prefect_calls=prefect_calls,
     )
-    consumer = Consumer(ordering_for, EventArrivedEarly)
-    counter = SqlCounter(ordering.store.engine)
     with counter.attached():
         await deliver(consumer, materialize(make_specs(workload, events, seed), ReceivedEvent))
-    return counter.counts
+    return counter.counts, None
+
+
+async def run_consumers(
+    url: str, dialect: str, consumers: int, events: int, seed: int
+) -> WorkloadResult:
+    """``events`` independent events split among ``consumers`` tasks of this event loop,
+    each with a CausalOrdering of its own on one scope (instances on one URL share
+    the backend and its pool), delivering its share one event after another."""
+    specs = make_specs(CONCURRENT_WORKLOAD, events, seed)
+    scope = new_scope(CONCURRENT_WORKLOAD)
+    shares = split(materialize(specs, ReceivedEvent), consumers)
+    tasks = [
+        make_consumer(lambda: CausalOrdering(scope, url=url), EventArrivedEarly) for _ in shares
+    ]
+    timing = await deliver_concurrently(tasks, shares)
+    check_causal([i for task in tasks for i in task.handled], specs)
+    result = WorkloadResult.build(
+        "ordering",
+        dialect,
+        consumer_label(consumers),
+        len(specs),
+        timing,
+        sum(task.parked for task in tasks),
+        None,
+    )
+    result.consumers = consumers
+    return result
 
 
 async def measure_construction(url: str, dialect: str, count: int) -> Construction:
-    """What ``CausalOrdering(scope)`` costs, and that instances share one engine."""
-    engines_before = _live_engines()
+    """What ``CausalOrdering(scope)`` costs, and that instances share one backend (or
+    engine); the sharing is n/a when the library does not show what it shares."""
+    engines_before = live_shared_objects()
     clock = time.perf_counter_ns
     scopes = [f"bench-construct-{i}" for i in range(count)]
     started = clock()
     for scope in scopes:
         CausalOrdering(scope, url=url)
     construct_ns = clock() - started
+    accessor = shared_accessor(CausalOrdering(scopes[0], url=url))
+    shared: set[int] = set()
     started = clock()
-    engines = set()
-    for scope in scopes:
-        engines.add(id(CausalOrdering(scope, url=url).store.engine))
+    if accessor is not None:
+        for scope in scopes:
+            shared.add(id(accessor(CausalOrdering(scope, url=url))))
     store_ns = clock() - started
     return Construction(
         dialect=dialect,
         constructions=count,
         construct_us=construct_ns / count / 1000,
-        construct_and_store_us=store_ns / count / 1000,
-        distinct_engines=len(engines),
+        construct_and_store_us=None if accessor is None else store_ns / count / 1000,
+        distinct_engines=None if accessor is None else len(shared),
         engines_before=engines_before,
-        engines_after=_live_engines(),
+        engines_after=live_shared_objects(),
     )
-
-
-def _live_engines() -> int:
-    """Engines alive in this process, found without relying on the library's internals."""
-    return sum(isinstance(o, AsyncEngine) for o in gc.get_objects())
