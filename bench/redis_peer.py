@@ -130,8 +130,9 @@ class RedisPeer:
     def _scope(self, label: str) -> str:
         return f"{self.prefix}:{label.split(',')[0]}-{uuid.uuid4().hex[:10]}"
 
-    async def check(self) -> None:
-        """Raise unless prefect-redis's client points at ``self.url`` and Redis answers."""
+    async def check(self) -> str:
+        """Raise unless prefect-redis's client points at ``self.url`` and Redis answers;
+        the server's version and persistence settings, for the notes."""
         client = self.ordering_class(self._scope("check")).redis
         kwargs = client.connection_pool.connection_kwargs
         got = (str(kwargs.get("host")), str(kwargs.get("port")), str(kwargs.get("db")))
@@ -142,6 +143,15 @@ class RedisPeer:
                 "a Prefect profile setting PREFECT_REDIS_MESSAGING_URL overrides the bench's"
             )
         await client.ping()
+        version = (await client.info("server")).get("redis_version", "?")
+        settings = {}
+        for name in ("appendonly", "appendfsync", "save"):
+            try:
+                settings.update(await client.config_get(name))
+            except Exception:  # CONFIG may be disabled on a managed server
+                settings[name] = "?"
+        persistence = ", ".join(f"{k} {v!r}" for k, v in settings.items())
+        return f"Redis {version}; persistence: {persistence}"
 
     async def warm_up(self, seed: int) -> None:
         for workload in WORKLOADS:
@@ -275,8 +285,8 @@ class RemotePeer:
         self.url = url
         self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-    async def check(self) -> None:
-        await self._call(["--check"])
+    async def check(self) -> str:
+        return str(json.loads(await self._call(["--check"])))
 
     async def warm_up(self, seed: int) -> None:
         """Each process warms up by itself."""
@@ -352,9 +362,9 @@ def open_peer(python: str | None, url: str) -> tuple[Peer | None, str | None]:
 async def _main(args: argparse.Namespace) -> str:
     peer = RedisPeer(args.redis_url, args.run_id)
     try:
-        await peer.check()
+        server = await peer.check()
         if args.check:
-            return "{}"
+            return json.dumps(server)
         await peer.warm_up(args.seed)
         result = await peer.run(
             args.workload,

@@ -247,21 +247,21 @@ def _open_peer(args: argparse.Namespace, notes: list[str]) -> redis_peer.Peer | 
         return None
     _progress(f"redis peer: prefect-redis on {redis_peer.safe_url(url)}")
 
-    async def check() -> None:
+    async def check() -> str:
         try:
-            await peer.check()
+            return await peer.check()
         finally:
             await peer.finish()
 
     try:
-        asyncio.run(check())
+        server = asyncio.run(check())
     except Exception as exc:
         notes.append(f"the Redis peer is skipped: {redis_peer.safe_url(url)}: {exc!r}")
         return None
     notes.append(
         f"{redis_peer.IMPLEMENTATION}: prefect_redis.ordering.CausalOrdering on "
-        f"{redis_peer.safe_url(url)}, keys under {redis_peer.KEY_ROOT}:{peer.run_id}: "
-        "(deleted at the end)"
+        f"{redis_peer.safe_url(url)} ({server}), keys under "
+        f"{redis_peer.KEY_ROOT}:{peer.run_id}: (deleted at the end)"
     )
     return peer
 
