@@ -7,8 +7,6 @@ module more, and one line in ``_DIALECTS``.
 
 from __future__ import annotations
 
-from sqlalchemy.engine import make_url
-
 from ..engine import Registry
 from ..schema import resolve_schema
 from .base import (
@@ -31,12 +29,13 @@ _registry: Registry[Backend] = Registry()
 
 def backend_for(url: str, schema: str | None = None) -> Backend:
     """The shared backend of ``url`` (a checked URL, see ``engine.resolve_url``) on the
-    running event loop; on PostgreSQL, for the store's schema ``schema``."""
-    if make_url(url).drivername.startswith("sqlite"):
+    running event loop; on PostgreSQL, for the store's schema ``schema``.
+
+    Called several times per event: the lookup is two dictionary reads."""
+    if url.startswith("sqlite"):
         return _registry.get(url, SqliteBackend)
-    chosen = resolve_schema(schema)
-    key = f"{url}#{chosen}"
-    return _registry.get(key, lambda _: PostgresBackend(url, schema=chosen))
+    chosen = schema or resolve_schema(None)
+    return _registry.get(f"{url}#{chosen}", lambda _: PostgresBackend(url, schema=chosen))
 
 
 def urls_opened() -> set[str]:
