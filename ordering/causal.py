@@ -24,13 +24,6 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from .constants import (
-    IN_FLIGHT_EVENT_TIMEOUT,
-    LEASE_DURATION,
-    MAX_DEPTH_OF_PRECEDING_EVENT,
-    PRECEDING_EVENT_LOOKBACK,
-    SEEN_EXPIRATION,
-)
 from .backends import (
     Backend,
     BeginRequest,
@@ -44,6 +37,13 @@ from .backends import (
     dispose_backends,
     urls_opened,
 )
+from .constants import (
+    IN_FLIGHT_EVENT_TIMEOUT,
+    LEASE_DURATION,
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    SEEN_EXPIRATION,
+)
 from .engine import resolve_url
 from .events import EventModel, OrderedEvent, as_uuid, checked_event, event_id, is_follower
 from .exceptions import (
@@ -53,6 +53,7 @@ from .exceptions import (
     MaxDepthExceeded,
 )
 from .models import ReceivedEvent, utc_now
+from .renewal import close_keeper, keeper
 from .schema import resolve_schema
 
 logger = logging.getLogger("ordering")
@@ -340,9 +341,12 @@ class CausalOrdering(Generic[E]):
         lease = _Lease(owner)
         _hold(self._key(event.id), lease)  # so that wait_for_leader gives it up when parking
         done = False
+        kept = self._keep(owner)
         try:
-            async with self._keep_alive(owner):
+            try:
                 yield
+            finally:
+                keeper().release(kept)
             await self.backend.complete(
                 CompleteRequest(
                     scope=self.scope,
@@ -388,39 +392,16 @@ class CausalOrdering(Generic[E]):
         assert isinstance(taken, Begun)
         return taken
 
-    @asynccontextmanager
-    async def _keep_alive(self, owner: str) -> AsyncIterator[None]:
-        """Renew the owner's leases and claims while the body runs longer than a third
-        of their duration, so that only a dead holder ever loses them.
-
-        Costs one timer per event; the renewal itself only runs for slow bodies.
-        """
-        loop = asyncio.get_running_loop()
-        interval = self.lease_duration.total_seconds() / 3
-        tasks: set[asyncio.Task[None]] = set()
+    def _keep(self, owner: str) -> int:
+        """Have the owner's leases and claims renewed while its body runs long (see
+        ordering/renewal.py); give the key back to ``keeper().release``."""
         backend = self.backend
 
         async def renew() -> None:
-            try:
-                await backend.renew(
-                    scope=self.scope, owner=owner, expires_at=self._now() + self.lease_duration
-                )
-            except Exception:
-                logger.warning("could not renew lease %s", owner, exc_info=True)
+            expires_at = self._now() + self.lease_duration
+            await backend.renew(scope=self.scope, owner=owner, expires_at=expires_at)
 
-        def fire() -> None:
-            task = loop.create_task(renew())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            timer[0] = loop.call_later(interval, fire)
-
-        timer = [loop.call_later(interval, fire)]
-        try:
-            yield
-        finally:
-            timer[0].cancel()
-            for task in tasks:
-                task.cancel()
+        return keeper().hold(renew, self.lease_duration.total_seconds() / 3)
 
     # -- followers ------------------------------------------------------------------
 
@@ -605,11 +586,14 @@ class CausalOrdering(Generic[E]):
         released: list[str] = []
         claim: Claim | None = None
         done = False
+        kept = self._keep(owner)
         try:
-            async with self._keep_alive(owner):
+            try:
                 if leader is not None and not leader_seen:
                     await self._wait_or_park(event, leader, leader_in_flight, owner)
                 yield
+            finally:
+                keeper().release(kept)
             now = self._now()
             claim = Claim(owner=_new_owner(), until=now + self.lease_duration)
             released = await backend.complete(
@@ -652,39 +636,40 @@ class CausalOrdering(Generic[E]):
         """
         pending = list(followers)
         backend = self.backend
+        kept = self._keep(owner)
         try:
-            async with self._keep_alive(owner):
-                while pending:
-                    follower = pending[0]
-                    if depth + 1 > self.max_depth:
-                        raise MaxDepthExceeded(follower)
-                    lease = _Lease(owner, released_by_leader=True)
-                    key = self._key(follower.id)
-                    _hold(key, lease)
-                    try:
-                        await handler(follower, depth=depth + 1)
-                    finally:
-                        _let_go(key, lease)
-                    released: list[str] = []
-                    claim = Claim(owner=_new_owner(), until=self._now() + self.lease_duration)
-                    if not lease.completed:
-                        released = await backend.complete(
-                            CompleteRequest(
-                                scope=self.scope,
-                                event_id=follower.id,
-                                lease_owner=owner,
-                                now=self._now(),
-                                claim=claim,
-                            )
+            while pending:
+                follower = pending[0]
+                if depth + 1 > self.max_depth:
+                    raise MaxDepthExceeded(follower)
+                lease = _Lease(owner, released_by_leader=True)
+                key = self._key(follower.id)
+                _hold(key, lease)
+                try:
+                    await handler(follower, depth=depth + 1)
+                finally:
+                    _let_go(key, lease)
+                released: list[str] = []
+                claim = Claim(owner=_new_owner(), until=self._now() + self.lease_duration)
+                if not lease.completed:
+                    released = await backend.complete(
+                        CompleteRequest(
+                            scope=self.scope,
+                            event_id=follower.id,
+                            lease_owner=owner,
+                            now=self._now(),
+                            claim=claim,
                         )
-                    pending.pop(0)
-                    if released:
-                        await self._hand_out(
-                            handler, follower, self._load(released), claim.owner, depth + 1
-                        )
+                    )
+                pending.pop(0)
+                if released:
+                    await self._hand_out(
+                        handler, follower, self._load(released), claim.owner, depth + 1
+                    )
         except MaxDepthExceeded:
             self._log(leader, "reached its max depth of %s followers processed.", self.max_depth)
         finally:
+            keeper().release(kept)
             if pending:
                 await _shielded(
                     backend.unclaim(
@@ -736,4 +721,5 @@ async def _shielded(cleanup: Awaitable[None]) -> None:
 async def dispose_engines() -> None:
     """Close the connections this process opened on the running event loop (for
     shutdown and tests)."""
+    close_keeper()
     await dispose_backends()

@@ -1,0 +1,105 @@
+"""Keeping the leases of long-running bodies alive, with one timer per event loop.
+
+A body that runs longer than a third of its lease's duration gets the lease (and the
+claims of its owner) renewed, so that only a dead holder ever loses them.  Most
+bodies are far shorter, so an event costs two dictionary writes here, not a timer of
+its own: one timer per loop ticks while any lease is held and renews the holders
+that are due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger("ordering")
+
+
+@dataclass(slots=True)
+class _Held:
+    renew: Callable[[], Awaitable[None]]
+    interval: float
+    due: float
+
+
+class LeaseKeeper:
+    """Renews every held lease that is due, on one timer for the whole loop.
+
+    A renewal comes between one and two intervals after the last (the timer ticks
+    once per the shortest interval held), so with intervals of a third of the lease
+    duration a lease is always renewed before it expires.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._held: dict[int, _Held] = {}
+        self._serial = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tick = float("inf")
+        self._renewing: set[asyncio.Task[None]] = set()
+
+    def hold(self, renew: Callable[[], Awaitable[None]], interval: float) -> int:
+        key = next(self._serial)
+        self._held[key] = _Held(renew, interval, self._loop.time() + interval)
+        if interval < self._tick or self._timer is None:
+            self._tick = min(self._tick, interval)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_later(self._tick, self._fire)
+        return key
+
+    def release(self, key: int) -> None:
+        self._held.pop(key, None)
+
+    def _fire(self) -> None:
+        if not self._held:
+            self._timer, self._tick = None, float("inf")
+            return
+        now = self._loop.time()
+        for held in self._held.values():
+            if held.due <= now:
+                held.due = now + held.interval
+                task = self._loop.create_task(self._renew(held.renew))
+                self._renewing.add(task)
+                task.add_done_callback(self._renewing.discard)
+        self._timer = self._loop.call_later(self._tick, self._fire)
+
+    @staticmethod
+    async def _renew(renew: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await renew()
+        except Exception:
+            logger.warning("could not renew a lease", exc_info=True)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._tick = None, float("inf")
+        self._held.clear()
+        for task in self._renewing:
+            task.cancel()
+
+
+_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def keeper() -> LeaseKeeper:
+    """The running loop's keeper."""
+    loop = asyncio.get_running_loop()
+    found = _keepers.get(loop)
+    if found is None:
+        found = _keepers[loop] = LeaseKeeper(loop)
+    return found
+
+
+def close_keeper() -> None:
+    loop = asyncio.get_running_loop()
+    found = _keepers.pop(loop, None)
+    if found is not None:
+        found.close()
