@@ -37,6 +37,9 @@ OLD_FUNCTIONS = (
     "ordering_park_follower(text, uuid, uuid, timestamptz, timestamptz, jsonb, text, timestamptz)",
 )
 NEW_FUNCTIONS = (
+    "begin_events_v1(text[], uuid[], uuid[], text[], timestamptz[], timestamptz[], "
+    "timestamptz[], boolean[])",
+    "complete_events_v1(text[], uuid[], text[], timestamptz[], text[], timestamptz[], boolean[])",
     "begin_event_v1(text, uuid, uuid, text, timestamptz, timestamptz, timestamptz, boolean)",
     "complete_event_v1(text, uuid, text, timestamptz, text, timestamptz, boolean)",
     "park_follower_v1(text, uuid, uuid, timestamptz, timestamptz, jsonb, text, timestamptz)",

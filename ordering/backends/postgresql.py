@@ -2,7 +2,9 @@
 
 Each operation is one statement, so one round trip and one transaction; the three of
 the hot path call the functions of schema.sql (``begin_event_v1``,
-``complete_event_v1``, ``park_follower_v1``).  Statements go through asyncpg's own
+``complete_event_v1``, ``park_follower_v1``).  Concurrent calls of ``begin`` and
+``complete`` share one round trip and one commit (``begin_events_v1``,
+``complete_events_v1``; see batching.py).  Statements go through asyncpg's own
 prepared-statement cache.  Every connection's search_path is the store's schema, so
 neither the SQL files nor the functions name it.
 
@@ -13,6 +15,7 @@ PL/pgSQL function reads with a fresh snapshot).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -40,6 +43,7 @@ from .base import (
     StatementListener,
     check_schema_rows,
 )
+from .batching import Batcher
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +148,10 @@ class PostgresBackend(Backend):
         self.connections = PostgresConnections(url, self.schema, **options)
         self.connections.before_first_use = self.check_schema
         self.notifications = Notifications(self.connections.connect)
+        # Concurrent consumers share round trips and commits (see batching.py).
+        self._begins = Batcher(self._begin, orphaned=self._give_back_orphan)
+        self._completions = Batcher(self._complete)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def dispose(self) -> None:
         await self.notifications.close()
@@ -187,6 +195,62 @@ class PostgresBackend(Backend):
     # -- the hot path ---------------------------------------------------------------
 
     async def begin(self, request: BeginRequest) -> Begun | Refused:
+        return await self._begins.submit(request)
+
+    async def complete(self, request: CompleteRequest) -> list[str]:
+        return await self._completions.submit(request)
+
+    async def _begin(self, requests: Sequence[BeginRequest]) -> list[Begun | Refused]:
+        if len(requests) == 1:
+            return [await self._begin_one(requests[0])]
+        rows = await self._fetch(
+            "begin_batch",
+            scope=[r.scope for r in requests],
+            event_id=[r.event_id for r in requests],
+            follows=[r.follows for r in requests],
+            owner=[r.owner for r in requests],
+            now=[r.now for r in requests],
+            expires_at=[r.expires_at for r in requests],
+            seen_after=[r.seen_after for r in requests],
+            refuse_seen=[r.refuse_seen for r in requests],
+        )
+        answers: list[Begun | Refused] = [Refused.HELD_ELSEWHERE] * len(requests)
+        for item, already_seen, leader_seen, leader_in_flight in rows:
+            answers[item - 1] = (
+                Refused.ALREADY_SEEN
+                if already_seen
+                else Begun(bool(leader_seen), bool(leader_in_flight))
+            )
+        return answers
+
+    async def _complete(self, requests: Sequence[CompleteRequest]) -> list[list[str]]:
+        if len(requests) == 1:
+            return [await self._complete_one(requests[0])]
+        rows = await self._fetch(
+            "complete_batch",
+            scope=[r.scope for r in requests],
+            event_id=[r.event_id for r in requests],
+            owner=[r.lease_owner for r in requests],
+            now=[r.now for r in requests],
+            claim_owner=[r.claim.owner if r.claim else None for r in requests],
+            claim_until=[r.claim.until if r.claim else None for r in requests],
+            is_follower=[r.is_follower for r in requests],
+        )
+        answers: list[list[str]] = [[] for _ in requests]
+        for item, released in rows:
+            answers[item - 1].append(released)
+        return answers
+
+    def _give_back_orphan(self, request: BeginRequest, answer: Begun | Refused) -> None:
+        """A caller cancelled while its lease was being taken: give the lease back."""
+        if isinstance(answer, Begun):
+            task = asyncio.get_running_loop().create_task(
+                self.release(scope=request.scope, event_id=request.event_id, owner=request.owner)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _begin_one(self, request: BeginRequest) -> Begun | Refused:
         rows = await self._fetch(
             "begin",
             scope=request.scope,
@@ -205,7 +269,7 @@ class PostgresBackend(Backend):
             return Refused.ALREADY_SEEN
         return Begun(bool(leader_seen), bool(leader_in_flight))
 
-    async def complete(self, request: CompleteRequest) -> list[str]:
+    async def _complete_one(self, request: CompleteRequest) -> list[str]:
         claim = request.claim
         rows = await self._fetch(
             "complete",

@@ -180,6 +180,38 @@ BEGIN
 END
 $$;
 
+-- begin_events_v1 and complete_events_v1: the same for many events in one round trip
+-- and one transaction (concurrent consumers share them); item is the event's place
+-- in the arrays, from 1.  An event missing from begin's answer is held elsewhere.
+CREATE FUNCTION begin_events_v1(
+    p_scope text[], p_event_id uuid[], p_follows uuid[], p_owner text[], p_now timestamptz[],
+    p_expires_at timestamptz[], p_seen_after timestamptz[], p_refuse_seen boolean[]
+) RETURNS TABLE (item integer, already_seen boolean, leader_seen boolean,
+                 leader_in_flight boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    FOR i IN 1 .. cardinality(p_event_id) LOOP
+        RETURN QUERY SELECT i, b.already_seen, b.leader_seen, b.leader_in_flight
+        FROM begin_event_v1(p_scope[i], p_event_id[i], p_follows[i], p_owner[i], p_now[i],
+                            p_expires_at[i], p_seen_after[i], p_refuse_seen[i]) AS b;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION complete_events_v1(
+    p_scope text[], p_event_id uuid[], p_owner text[], p_now timestamptz[],
+    p_claim_owner text[], p_claim_until timestamptz[], p_is_follower boolean[]
+) RETURNS TABLE (item integer, released_event text)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    FOR i IN 1 .. cardinality(p_event_id) LOOP
+        RETURN QUERY SELECT i, c.released_event
+        FROM complete_event_v1(p_scope[i], p_event_id[i], p_owner[i], p_now[i],
+                               p_claim_owner[i], p_claim_until[i], p_is_follower[i]) AS c;
+    END LOOP;
+END
+$$;
+
 -- The audit views: plain SQL for people at a database console; the code never reads
 -- them.  They judge time by the database's clock (now(), the start of the current
 -- transaction) and use the default 15-minute lookback.

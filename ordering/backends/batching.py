@@ -1,0 +1,120 @@
+"""Sharing round trips and commits between concurrent callers.
+
+Several consumers in one process call the same operation at once.  A ``Batcher``
+sends a call at once when nothing of its kind is in flight (so a lone consumer waits
+for nothing), and otherwise queues it: when the call in flight returns, everything
+queued meanwhile goes in one round trip, one transaction, one commit.  Each caller
+still gets its own answer, and its own error: when a batch fails for a reason other
+than a lost database, its calls are tried again one at a time, so that an error lands
+on the call that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from ..exceptions import OrderingError
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+A = TypeVar("A")
+
+
+class Batcher(Generic[R, A]):
+    """Combines concurrent calls of one operation.
+
+    ``send`` takes requests and returns one answer per request, in order.
+    ``orphaned(request, answer)`` is called for an answer whose caller was cancelled
+    while its call was in flight (to give back what the call took).
+    """
+
+    def __init__(
+        self,
+        send: Callable[[Sequence[R]], Awaitable[Sequence[A]]],
+        *,
+        max_batch: int = 256,
+        max_in_flight: int = 1,
+        orphaned: Callable[[R, A], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._orphaned = orphaned
+        self._queue: list[tuple[R, asyncio.Future[A]]] = []
+        self._in_flight = 0
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    async def submit(self, request: R) -> A:
+        if self._in_flight < self._max_in_flight and not self._queue:
+            self._in_flight += 1
+            try:
+                (answer,) = await self._send((request,))
+                return answer
+            finally:
+                self._in_flight -= 1
+                self._drain()
+        future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        return await future
+
+    def _drain(self) -> None:
+        if not self._queue or self._in_flight >= self._max_in_flight:
+            return
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, batch: list[tuple[R, asyncio.Future[A]]]) -> None:
+        try:
+            live = [(request, future) for request, future in batch if not future.done()]
+            if not live:
+                return
+            try:
+                answers = await self._send([request for request, _ in live])
+            except OrderingError as exc:  # the database is gone: every caller hears it
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            except Exception:
+                if len(live) == 1:
+                    raise
+                logger.debug("a batch of %d failed; trying its calls one by one", len(live))
+                await self._one_by_one(live)
+                return
+            for (request, future), answer in zip(live, answers, strict=True):
+                self._deliver(request, future, answer)
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._in_flight -= 1
+            self._drain()
+
+    async def _one_by_one(self, batch: list[tuple[R, asyncio.Future[A]]]) -> None:
+        for request, future in batch:
+            if future.done():
+                continue
+            try:
+                (answer,) = await self._send((request,))
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                self._deliver(request, future, answer)
+
+    def _deliver(self, request: R, future: asyncio.Future[A], answer: A) -> None:
+        if not future.done():
+            future.set_result(answer)
+        elif self._orphaned is not None:
+            self._orphaned(request, answer)
