@@ -82,12 +82,39 @@ def _current(connection: Connection, schema: str) -> str | None:
     return MigrationContext.configure(connection, opts=opts).get_current_revision()
 
 
+def _oldest_served(connection: Connection, schema: str) -> str | None:
+    table = (
+        f'"{schema}".code_compatibility'
+        if connection.dialect.name == "postgresql"
+        else "ordering_code_compatibility"
+    )
+    exists = (
+        f"SELECT to_regclass('{table}') IS NOT NULL"
+        if connection.dialect.name == "postgresql"
+        else "SELECT count(*) FROM sqlite_master WHERE name = 'ordering_code_compatibility'"
+    )
+    if not connection.scalar(text(exists)):
+        return None
+    found = connection.scalar(text(f"SELECT oldest_code_revision FROM {table}"))
+    return None if found is None else str(found)
+
+
 async def current_revision(url: str | None = None, *, schema: str | None = None) -> str | None:
     """The revision the database is at, or None for an empty database."""
+    revision, _ = await database_revisions(url, schema=schema)
+    return revision
+
+
+async def database_revisions(
+    url: str | None = None, *, schema: str | None = None
+) -> tuple[str | None, str | None]:
+    """(the revision the database is at, the oldest code revision it serves)."""
     chosen = resolve_schema(schema)
     engine = create_async_engine(resolve_url(url))
     try:
         async with engine.connect() as connection:
-            return await connection.run_sync(lambda sync: _current(sync, chosen))
+            return await connection.run_sync(
+                lambda sync: (_current(sync, chosen), _oldest_served(sync, chosen))
+            )
     finally:
         await engine.dispose()

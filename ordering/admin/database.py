@@ -66,10 +66,23 @@ class SchemaState:
     current: str | None
     head: str
     missing_file: Path | None = None
+    #: The oldest code revision the database serves (from its code_compatibility row).
+    oldest_served: str | None = None
 
     @property
     def at_head(self) -> bool:
         return self.current == self.head
+
+    @property
+    def usable(self) -> bool:
+        """Whether this code runs on the database: at its head, or at a later revision
+        that still serves it (a rolling deploy's expand step)."""
+        return self.at_head or (
+            self.current is not None
+            and self.current > self.head
+            and self.oldest_served is not None
+            and self.oldest_served <= self.head
+        )
 
     def describe(self) -> str:
         where = safe_url(self.url)
@@ -82,9 +95,15 @@ class SchemaState:
             return f"{where} has no ordering schema: {hint}"
         if self.current < self.head:
             return f"{where} is at revision {self.current}, behind the code's {self.head}: {hint}"
+        if self.usable:
+            return (
+                f"{where} is at revision {self.current}, ahead of the code's {self.head} "
+                f"and still serving it (a newer release expanded the schema): nothing to do"
+            )
         return (
-            f"{where} is at revision {self.current}, which this code does not know "
-            f"(its head is {self.head}): a newer version of the package migrated it"
+            f"{where} is at revision {self.current}, which no longer serves this code "
+            f"(its head is {self.head}): upgrade this package (pip install -U "
+            "sql-causal-ordering)"
         )
 
 
@@ -96,10 +115,10 @@ async def schema_state(url: str | None = None, *, schema: str | None = None) -> 
     if missing is not None:
         return SchemaState(url, None, head, missing_file=missing)
     try:
-        current = await migrate.current_revision(url, schema=schema)
+        current, oldest = await migrate.database_revisions(url, schema=schema)
     except Exception as exc:  # drivers raise their own classes when connecting
         raise _unreachable(url, exc) from exc
-    return SchemaState(url, current, head)
+    return SchemaState(url, current, head, oldest_served=oldest)
 
 
 def aware(moment: datetime, name: str = "now") -> datetime:
