@@ -16,14 +16,13 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def UTCDateTime() -> sa.DateTime:  # noqa: N802 - the column type this revision used
+def UTCDateTime() -> sa.DateTime:
     return sa.DateTime(timezone=True)
 
 
