@@ -15,7 +15,7 @@ time; without either the counts are reported as n/a):
   engine not run in AUTOCOMMIT, SQLAlchemy's ``begin`` events are counted instead.
 * round trips: on PostgreSQL one per statement (asyncpg with a warm statement cache
   sends Bind/Execute/Sync in one go); on SQLite the same count stands for thread hops,
-  as the brief of issue 4 defines it.
+  by convention.
 * thread hops (SQLite only, measured): every call aiosqlite hands to its worker thread
   (``aiosqlite.Connection._execute`` is its one choke point).  SQLAlchemy's adapter
   opens a cursor, executes, fetches and closes it, so one statement costs several.

@@ -75,7 +75,7 @@ def _consumer_counts(text: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark the SQL causal ordering on SQLite and PostgreSQL (issue 4).",
+        description="Benchmark the SQL causal ordering on SQLite and PostgreSQL.",
     )
     parser.add_argument(
         "--dialect",

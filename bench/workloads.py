@@ -1,4 +1,4 @@
-"""The three workloads of issue 4, delivered through the consumer pattern a user writes.
+"""The three workloads, delivered through the consumer pattern a user writes.
 
 * in-order: chains of 10 events, each following the one before it, chains interleaved,
   each chain delivered in causal order;
