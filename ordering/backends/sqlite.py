@@ -59,14 +59,19 @@ T = TypeVar("T")
 #: How long an operation waits for another connection's write lock.
 BUSY_TIMEOUT_S = 30.0
 
-#: Write operations between two WAL checkpoints (about 8 pages each: ~4 MB of WAL).
-CHECKPOINT_EVERY = 128
+#: Write operations between two WAL checkpoints (a few pages each: some MB of WAL).
+#: A checkpoint holds the write lock while it copies and syncs, so fewer, larger ones
+#: cost the writers less.
+CHECKPOINT_EVERY = 512
 
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 def _encode(value: Any) -> Any:
-    if isinstance(value, UUID):
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is UUID:
         return value.hex
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -76,6 +81,8 @@ def _encode(value: Any) -> Any:
         return value.isoformat(" ", "microseconds")[:26]
     if isinstance(value, (list, tuple)):
         return json.dumps([_encode(item) for item in value])
+    if isinstance(value, UUID):
+        return value.hex
     return value
 
 
@@ -102,6 +109,38 @@ def _is_busy(exc: BaseException) -> bool:
 Execute = Callable[[str, dict[str, Any]], list[Any]]
 
 
+class _Statements:
+    """``execute(name, params)`` for one operation on one connection."""
+
+    __slots__ = ("_backend", "_connection", "wrote")
+
+    def __init__(self, backend: SqliteBackend, connection: sqlite3.Connection) -> None:
+        self._backend = backend
+        self._connection = connection
+        self.wrote = False
+
+    def _send(self, name: str, text: str, args: Sequence[Any]) -> list[Any]:
+        for listener in self._backend.listeners:
+            listener(name, text)
+        return self._connection.execute(text, args).fetchall()
+
+    def __call__(self, name: str, params: dict[str, Any]) -> list[Any]:
+        query = self._backend.queries[name]
+        if name in self._backend.writers:
+            self.wrote = True
+        return self._send(name, query.sql, [_encode(v) for v in query.args(params)])
+
+    def transaction(self, work: Callable[[Execute], T]) -> T:
+        self._send("begin_immediate", "BEGIN IMMEDIATE", ())
+        try:
+            result = work(self)
+        except BaseException:
+            self._connection.rollback()
+            raise
+        self._send("commit", "COMMIT", ())
+        return result
+
+
 class SqliteConnections(Connections[sqlite3.Connection]):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -124,6 +163,9 @@ class SqliteConnections(Connections[sqlite3.Connection]):
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA wal_autocheckpoint=0")
+            # Statements on the loop's thread never wait for a lock: a busy database
+            # sends the operation to a worker thread, which waits (_waiting_out_locks).
+            connection.execute("PRAGMA busy_timeout=0")
         except BaseException:
             connection.close()
             raise
@@ -167,9 +209,13 @@ class SqliteBackend(Backend):
         self.queries = queries or sql.queries("sqlite")
         self.code_revision = code_revision
         self.listeners: list[StatementListener] = []
+        # Operations on the loop's thread hold a connection only while they run, so a
+        # few suffice; keep every one that was opened (opening one costs more than an
+        # operation).
+        options.setdefault("idle_connections", options.get("max_connections", 30))
         self.connections = SqliteConnections(url, **options)
         self.connections.before_first_use = self.check_schema
-        self._writers = frozenset(
+        self.writers = frozenset(
             name for name, query in self.queries.items() if not query.sql.startswith("SELECT")
         )
         self._writes = 0
@@ -192,49 +238,48 @@ class SqliteBackend(Backend):
         """Run ``work`` with an ``execute(name, params)`` that returns rows; with
         ``write`` the whole of it is one BEGIN IMMEDIATE transaction (a single
         statement is a transaction of its own anyway)."""
-        listeners = self.listeners
-        wrote = False
+
+        waited = False
 
         async def operation(connection: sqlite3.Connection) -> T:
-            def send(name: str, text: str, args: Any) -> list[Any]:
-                for listener in listeners:
-                    listener(name, text)
-                return connection.execute(text, args).fetchall()
-
-            def execute(name: str, params: dict[str, Any]) -> list[Any]:
-                nonlocal wrote
-                query = self.queries[name]
-                wrote = wrote or name in self._writers
-                return send(name, query.sql, [_encode(v) for v in query.args(params)])
+            nonlocal waited
+            statements = _Statements(self, connection)
 
             def attempt() -> T:
-                if not write:
-                    return work(execute)
-                send("begin_immediate", "BEGIN IMMEDIATE", ())
-                try:
-                    result = work(execute)
-                except BaseException:
-                    connection.rollback()
-                    raise
-                send("commit", "COMMIT", ())
-                return result
+                return statements.transaction(work) if write else work(statements)
 
-            connection.execute("PRAGMA busy_timeout=0")
             try:
                 result = attempt()
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
                     raise
-                result = await _in_thread(_waiting_out_locks, connection, attempt)
-            else:
-                # An operation that never waited must still let other tasks run (the
-                # checkpoint, lease renewals, other consumers): one turn of the loop.
-                await asyncio.sleep(0)
-            if wrote:
+                waited = True
+                result = await self._after_lock(connection, attempt)
+            if statements.wrote:
                 self._note_write()
             return result
 
-        return await self.connections.run(operation, idempotent=idempotent)
+        result = await self.connections.run(operation, idempotent=idempotent)
+        if write and not waited:
+            # An operation that never waited must still let other tasks run (the
+            # checkpoint, lease renewals, other consumers): one turn of the loop per
+            # write, so once per event, with the connection already given back.
+            await asyncio.sleep(0)
+        return result
+
+    async def _after_lock(self, connection: sqlite3.Connection, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` once the write lock is free.  Our own checkpoint is the usual
+        holder: wait for it on the loop and try again there; another connection's lock
+        is waited out in a worker thread (SQLite's busy timeout)."""
+        checkpoint = self._checkpointing
+        if checkpoint is not None:
+            await asyncio.shield(checkpoint)
+            try:
+                return attempt()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+        return await _in_thread(_waiting_out_locks, connection, attempt)
 
     async def _fetch(self, name: str, *, idempotent: bool = True, **params: Any) -> Rows:
         return await self._run(lambda execute: execute(name, params), idempotent=idempotent)
@@ -467,7 +512,10 @@ async def _polling() -> AsyncIterator[Waiter]:
 
 def _waiting_out_locks(connection: sqlite3.Connection, attempt: Callable[[], T]) -> T:
     connection.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-    return attempt()
+    try:
+        return attempt()
+    finally:
+        connection.execute("PRAGMA busy_timeout=0")
 
 
 def _checkpoint(path: Path) -> None:

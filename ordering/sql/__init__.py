@@ -39,12 +39,15 @@ class Query:
 
     def args(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
         """The values in parameter order; a missing or unexpected name is an error."""
-        if len(values) != len(self.params) or not all(name in values for name in self.params):
-            raise TypeError(
-                f"query {self.name} takes {', '.join(self.params) or 'no parameters'}, "
-                f"not {', '.join(sorted(values)) or 'none'}"
-            )
-        return tuple(values[name] for name in self.params)
+        if len(values) == len(self.params):
+            try:
+                return tuple([values[name] for name in self.params])
+            except KeyError:
+                pass
+        raise TypeError(
+            f"query {self.name} takes {', '.join(self.params) or 'no parameters'}, "
+            f"not {', '.join(sorted(values)) or 'none'}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
