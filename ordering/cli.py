@@ -46,8 +46,8 @@ from .models import ReceivedEvent, utc_now
 Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
 
-#: Exit status of `ordering check` when the schema is not at the head, and of any
-#: command that fails; argparse uses 2 for a bad command line.
+#: Exit status of `ordering check` when this code cannot run on the database, and of
+#: any command that fails; argparse uses 2 for a bad command line.
 EXIT_FAILURE = 1
 
 
@@ -289,7 +289,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     state = _run(admin.schema_state(args.url))
-    if state.at_head:
+    # At the head, or ahead in a rolling deploy and still serving this code: a worker of
+    # this release starts, so the gate passes.
+    if state.usable:
         print(state.describe())
         return 0
     _note(f"ordering check: {state.describe()}")
@@ -603,10 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "check",
-        help="exit 0 if the schema is at the head, 1 if it needs `ordering migrate`",
-        description="For CI and deploy scripts: exit 0 when the database schema is at the "
-        "revision this code needs, else print one line naming `ordering migrate` and exit 1. "
-        "A SQLite file that does not exist is reported, not created.",
+        help="exit 0 if this code runs on the schema, 1 if it needs `ordering migrate`",
+        description="For CI and deploy scripts: exit 0 when this code runs on the database "
+        "schema (it is at this code's revision, or at a later one that still serves it), "
+        "else print one line saying what to do (`ordering migrate`, or upgrade this "
+        "package) and exit 1. A SQLite file that does not exist is reported, not created.",
     )
     _add_common(p)
     p.set_defaults(run=cmd_check)

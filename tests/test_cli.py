@@ -18,11 +18,13 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from ordering import SEEN_EXPIRATION, CausalOrdering, ReceivedEvent, SchemaError
 from ordering.causal import dispose_engines
 from ordering.cli import build_parser, main
-from ordering.migrate import upgrade
+from ordering.migrate import head_revision, upgrade
 
 from .helpers import MutableClock, assert_causal, make_chain, make_event
 
@@ -99,15 +101,55 @@ def test_check_exit_codes_for_ci(empty_url: str) -> None:
     assert "no ordering schema" in empty or "does not exist" in empty
     assert "`ordering migrate --url" in empty
 
+    head = head_revision()
     upgrade(empty_url, "0001")
     behind = one_line_error(ordering_cli("check", "--url", empty_url))
-    assert "is at revision 0001, behind the code's 0002" in behind
+    assert f"is at revision 0001, behind the code's {head}" in behind
     assert "`ordering migrate --url" in behind
 
     upgrade(empty_url)
     at_head = ordering_cli("check", env={"ORDERING_DATABASE_URL": empty_url})
     assert at_head.returncode == 0, at_head.stderr
-    assert "is at revision 0002, the head" in at_head.stdout
+    assert f"is at revision {head}, the head" in at_head.stdout
+
+
+def test_check_passes_a_newer_schema_only_while_it_serves_this_code(empty_url: str) -> None:
+    """A rolling deploy: the database was migrated by the next release first."""
+    head = head_revision()
+    newer = f"{int(head) + 1:04d}"
+    upgrade(empty_url)
+    from_the_future(empty_url, newer, oldest_served=head)
+    serving = ordering_cli("check", "--url", empty_url)
+    assert serving.returncode == 0, serving.stderr
+    assert f"is at revision {newer}, ahead of the code's {head}" in serving.stdout
+    assert "nothing to do" in serving.stdout
+
+    from_the_future(empty_url, newer, oldest_served=newer)
+    stale = one_line_error(ordering_cli("check", "--url", empty_url))
+    assert f"is at revision {newer}, which no longer serves this code" in stale
+    assert "upgrade this package" in stale and "ordering migrate" not in stale
+
+
+def from_the_future(url: str, revision: str, *, oldest_served: str) -> None:
+    """Mark the database as migrated to a later release's ``revision``."""
+    prefix = "ordering." if url.startswith("postgresql") else "ordering_"
+
+    async def mark() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    text(f"UPDATE {prefix}alembic_version SET version_num = :revision"),
+                    {"revision": revision},
+                )
+                await connection.execute(
+                    text(f"UPDATE {prefix}code_compatibility SET oldest_code_revision = :oldest"),
+                    {"oldest": oldest_served},
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(mark())
 
 
 def test_check_does_not_create_a_missing_sqlite_file(tmp_path: Path) -> None:
