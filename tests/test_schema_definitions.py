@@ -1,0 +1,276 @@
+"""The migrations and the current definitions (ordering/sql/<dialect>/schema.sql) build
+the same database: one built by running every migration and one built from the
+definitions are compared by their catalogs, function bodies and view texts included,
+on both dialects.  Structure only: the rows a migration writes (code_compatibility's)
+are not compared."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from ordering.causal import dispose_engines
+from ordering.migrate import upgrade
+from ordering.schema import DEFAULT_SCHEMA, SCHEMA_ENV, SQLITE_VERSION_TABLE
+from ordering.sql import schema, statements
+
+from .conftest import drop_postgres_database, fresh_postgres_database
+
+#: One line per fact about the database: "kind | object | detail".
+Dump = list[str]
+
+
+@pytest.fixture(autouse=True)
+def _default_schema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our objects in the default schema, whatever the environment says."""
+    monkeypatch.delenv(SCHEMA_ENV, raising=False)
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _migrated(url: str) -> None:
+    upgrade(url)
+    asyncio.run(dispose_engines())
+
+
+# -- PostgreSQL -------------------------------------------------------------------------
+
+#: Catalog queries over the schema ``$1``, alembic's table left out; each row becomes
+#: one line of the dump.  Column order is compared by rank, not attnum (a dropped
+#: column leaves a gap in attnum that a fresh table does not have).
+PG_CATALOG = {
+    "relation": """
+        SELECT c.relname, c.relkind::text
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = $1 AND c.relname NOT IN ('alembic_version', 'alembic_version_pkc')
+        ORDER BY 1
+    """,
+    "column": """
+        SELECT c.relname,
+               rank() OVER (PARTITION BY c.oid ORDER BY a.attnum),
+               a.attname, format_type(a.atttypid, a.atttypmod),
+               CASE WHEN a.attnotnull THEN 'not null' ELSE 'null' END,
+               coalesce(pg_get_expr(d.adbin, d.adrelid), '(no default)')
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE n.nspname = $1 AND c.relkind IN ('r', 'v', 'p')
+          AND c.relname <> 'alembic_version' AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY 1, 2
+    """,
+    "constraint": """
+        SELECT c.relname, k.conname, pg_get_constraintdef(k.oid)
+        FROM pg_constraint k
+        JOIN pg_class c ON c.oid = k.conrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = $1 AND c.relname <> 'alembic_version'
+        ORDER BY 1, 2
+    """,
+    "index": """
+        SELECT i.relname, pg_get_indexdef(i.oid)
+        FROM pg_index x
+        JOIN pg_class i ON i.oid = x.indexrelid
+        JOIN pg_class t ON t.oid = x.indrelid
+        JOIN pg_namespace n ON n.oid = t.relnamespace
+        WHERE n.nspname = $1 AND t.relname <> 'alembic_version'
+        ORDER BY 1
+    """,
+    "function": """
+        SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = $1 AND p.prokind IN ('f', 'p', 'w')
+        ORDER BY 1
+    """,
+    "view": """
+        SELECT c.relname, pg_get_viewdef(c.oid, true)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = $1 AND c.relkind IN ('v', 'm')
+        ORDER BY 1
+    """,
+    "trigger": """
+        SELECT c.relname, t.tgname, pg_get_triggerdef(t.oid)
+        FROM pg_trigger t
+        JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = $1 AND NOT t.tgisinternal
+        ORDER BY 1, 2
+    """,
+    "type": """
+        SELECT t.typname, t.typtype::text
+        FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        LEFT JOIN pg_class c ON c.oid = t.typrelid
+        WHERE n.nspname = $1 AND (c.oid IS NULL OR c.relkind = 'c')
+          AND t.typname NOT LIKE '\\_%'
+        ORDER BY 1
+    """,
+}
+
+
+def _lines(kind: str, values: tuple[object, ...]) -> Dump:
+    """A catalog row as dump lines; multi-line texts (function bodies, view texts)
+    one line each, so that a difference shows as the line that differs."""
+    key, *rest = (str(v) for v in values)
+    head = f"{kind} | {key}"
+    found: Dump = []
+    for value in rest:
+        parts = value.splitlines() or [""]
+        if len(parts) == 1:
+            head += f" | {parts[0]}"
+        else:
+            found.extend(f"{kind} | {key} |     {line.rstrip()}" for line in parts)
+    return [head, *found]
+
+
+async def _pg_dump(url: str, schema_name: str) -> Dump:
+    connection = await asyncpg.connect(_dsn(url))
+    try:
+        dump: Dump = []
+        for kind, query in PG_CATALOG.items():
+            for row in await connection.fetch(query, schema_name):
+                dump.extend(_lines(kind, tuple(row)))
+        return dump
+    finally:
+        await connection.close()
+
+
+async def _pg_define(url: str, script: str) -> None:
+    connection = await asyncpg.connect(_dsn(url))
+    try:
+        async with connection.transaction():
+            await connection.execute(f"CREATE SCHEMA {DEFAULT_SCHEMA}")
+            await connection.execute(f"SET LOCAL search_path TO {DEFAULT_SCHEMA}")
+            for statement in statements(script):
+                await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+# -- SQLite -----------------------------------------------------------------------------
+
+
+def _normalized(sql: str | None) -> str:
+    if sql is None:
+        return "(none)"
+    sql = re.sub(r"\s+", " ", sql).strip()
+    return re.sub(r"\( | (?=[),])", lambda m: m.group(0).strip(), sql)
+
+
+def _sqlite_dump(path: str) -> Dump:
+    connection = sqlite3.connect(path)
+    try:
+        rows = connection.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master "
+            "WHERE tbl_name <> ? ORDER BY type, name",
+            (SQLITE_VERSION_TABLE,),
+        ).fetchall()
+    finally:
+        connection.close()
+    # each statement split after its commas, so that a difference shows as one clause
+    return [
+        f"{kind} | {name} | on {table} | {part}"
+        for kind, name, table, sql in rows
+        for part in re.split(r"(?<=,) ", _normalized(sql))
+    ]
+
+
+def _sqlite_define(path: str, script: str) -> None:
+    connection = sqlite3.connect(path)
+    try:
+        with connection:
+            for statement in statements(script):
+                connection.execute(statement)
+    finally:
+        connection.close()
+
+
+# -- both -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def second_url(empty_url: str, tmp_path: Path) -> Iterator[str]:
+    """Another empty database of the same dialect as ``empty_url``."""
+    if not empty_url.startswith("postgresql"):
+        yield f"sqlite+aiosqlite:///{tmp_path / 'definitions.db'}"
+        return
+    url = fresh_postgres_database("ordering_definitions")
+    yield url
+    drop_postgres_database(url)
+
+
+def _dialect(url: str) -> str:
+    return "postgresql" if url.startswith("postgresql") else "sqlite"
+
+
+def _dump(url: str) -> Dump:
+    if _dialect(url) == "postgresql":
+        return asyncio.run(_pg_dump(url, DEFAULT_SCHEMA))
+    database = make_url(url).database
+    assert database is not None
+    return _sqlite_dump(database)
+
+
+def _define(url: str, script: str) -> None:
+    if _dialect(url) == "postgresql":
+        asyncio.run(_pg_define(url, script))
+        return
+    database = make_url(url).database
+    assert database is not None
+    _sqlite_define(database, script)
+
+
+def _differences(migrated: Dump, defined: Dump) -> str:
+    return "\n".join(
+        difflib.unified_diff(
+            migrated, defined, "built by the migrations", "built from schema.sql", lineterm="", n=2
+        )
+    )
+
+
+def test_migrations_build_what_schema_sql_defines(empty_url: str, second_url: str) -> None:
+    _migrated(empty_url)
+    _define(second_url, schema(_dialect(empty_url)))
+    migrated, defined = _dump(empty_url), _dump(second_url)
+    assert migrated, "the dump of the migrated database is empty"
+    kinds = {line.split(" | ")[0] for line in migrated}
+    expected = (
+        {"relation", "column", "constraint", "index", "function", "view"}
+        if _dialect(empty_url) == "postgresql"
+        else {"table", "index", "view"}
+    )
+    assert expected <= kinds, f"the dump misses {expected - kinds}"
+    assert migrated == defined, (
+        "the migrations and schema.sql build different databases:\n"
+        + _differences(migrated, defined)
+    )
+
+
+#: A change to the definitions the comparison must notice, by dialect: (what to
+#: replace, what with, a word the difference shows).
+CHANGES: dict[str, tuple[str, str, str]] = {
+    "postgresql": ("RETURN true;", "RETURN false;", "RETURN false;"),
+    "sqlite": ("THEN 'claimed'", "THEN 'held'", "'held'"),
+}
+
+
+def test_the_comparison_sees_a_changed_body(empty_url: str, second_url: str) -> None:
+    """The comparison is live: one changed line in a function body (PostgreSQL) or a
+    view (SQLite) shows up in the difference."""
+    old, new, shown = CHANGES[_dialect(empty_url)]
+    script = schema(_dialect(empty_url))
+    assert old in script
+    _migrated(empty_url)
+    _define(second_url, script.replace(old, new, 1))
+    differences = _differences(_dump(empty_url), _dump(second_url))
+    changed = [line for line in differences.splitlines() if line.startswith("+") and shown in line]
+    assert changed, differences
