@@ -29,7 +29,7 @@ from .workloads import percentile
 
 HOLD_S = (0.1, 0.3)
 
-#: The configurations compared: the one the issue measures against (polling every
+#: The configurations compared: polling alone, with no notification (polling every
 #: 250 ms) and whatever the library does by default (LISTEN/NOTIFY, polling kept as the
 #: fallback), so the table shows what the notification saves.
 CONFIGURATIONS: list[tuple[str, dict[str, Any]]] = [
