@@ -147,7 +147,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--prefect-python",
         metavar="PYTHON",
         help="take the Prefect reference rows from this interpreter (one with prefect "
-        "installed), e.g. /work/venv-prefect/bin/python",
+        "installed), e.g. ~/prefect-venv/bin/python",
     )
     parser.add_argument(
         "--consumers",
