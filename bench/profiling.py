@@ -297,7 +297,8 @@ async def _profile(
                 "key_functions_cumulative_us": key_functions(stats, profiled.events),
                 "top_own_time_us": top_functions(stats, profiled.events),
             }
-            if dialect == "sqlite":
+            # Only while the store ran SQLite on aiosqlite's thread is there anything here.
+            if dialect == "sqlite" and worker.getstats():
                 thread_stats = pstats.Stats(worker)
                 thread_stats.dump_stats(RESULTS / f"profile-{dialect}-{workload}-thread.pstats")
                 entry["worker_thread_by_category_us"] = breakdown(thread_stats, profiled.events)
