@@ -26,6 +26,32 @@ config = context.config
 #: The first release's version table, in public, on PostgreSQL.
 LEGACY_VERSION_TABLE = "ordering_alembic_version"
 
+#: Everything the first release created in public (by revisions 0001 and 0002): only
+#: these move, never a host object that merely has a similar name.
+LEGACY_OBJECTS = (
+    ("TABLE", LEGACY_VERSION_TABLE),
+    ("TABLE", "ordering_seen_events"),
+    ("TABLE", "ordering_processing_leases"),
+    ("TABLE", "ordering_waiting_followers"),
+    ("VIEW", "ordering_waiting"),
+    ("VIEW", "ordering_stuck"),
+    ("VIEW", "ordering_held_leases"),
+    (
+        "FUNCTION",
+        "ordering_begin_event(text, uuid, uuid, text, timestamptz, timestamptz, "
+        "timestamptz, boolean)",
+    ),
+    (
+        "FUNCTION",
+        "ordering_complete_event(text, uuid, text, timestamptz, text, timestamptz, boolean)",
+    ),
+    (
+        "FUNCTION",
+        "ordering_park_follower(text, uuid, uuid, timestamptz, timestamptz, jsonb, text, "
+        "timestamptz)",
+    ),
+)
+
 
 def _url() -> str:
     return resolve_url(config.get_main_option("sqlalchemy.url") or None)
@@ -57,24 +83,17 @@ def _move_legacy_objects(connection: Connection) -> None:
         return
     if connection.scalar(text(f"SELECT to_regclass('\"{schema}\".{POSTGRES_VERSION_TABLE}')")):
         return
-    objects = connection.execute(
-        text(
-            """
-            SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, c.relname::text
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'v')
-              AND c.relname LIKE 'ordering\\_%'
-            UNION ALL
-            SELECT 'FUNCTION', p.oid::regprocedure::text
-            FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-            WHERE n.nspname = 'public' AND p.proname LIKE 'ordering\\_%'
-            """
+    for kind, name in LEGACY_OBJECTS:
+        found = connection.scalar(
+            text(
+                "SELECT to_regprocedure(:name)"
+                if kind == "FUNCTION"
+                else "SELECT to_regclass(:name)"
+            ),
+            {"name": f"public.{name}"},
         )
-    ).all()
-    for kind, name in objects:
-        # a function comes as its qualified signature, the others as bare names
-        qualified = name if kind == "FUNCTION" else f'public."{name}"'
-        connection.exec_driver_sql(f'ALTER {kind} {qualified} SET SCHEMA "{schema}"')
+        if found is not None:  # a database at 0001 has no views yet
+            connection.exec_driver_sql(f'ALTER {kind} public.{name} SET SCHEMA "{schema}"')
     connection.execute(
         text(f'ALTER TABLE "{schema}".{LEGACY_VERSION_TABLE} RENAME TO {POSTGRES_VERSION_TABLE}')
     )

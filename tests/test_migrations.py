@@ -579,11 +579,6 @@ def test_a_first_release_database_is_moved_into_the_schema(postgres_empty_url: s
     run(through_the_api())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the move out of public takes every public relation and function named "
-    "ordering_*, not only the first release's objects",
-)
 def test_moving_a_first_release_database_leaves_host_tables_named_ordering_(
     postgres_empty_url: str,
 ) -> None:
@@ -660,11 +655,6 @@ def test_store_on_a_database_behind_names_ordering_migrate(empty_url: str) -> No
     run(_use_store(empty_url))  # at head: no error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the schema check takes a database without code_compatibility (before "
-    "0003) for one with no schema at all, so it does not name the revision found",
-)
 def test_store_on_a_database_behind_names_its_revision(empty_url: str) -> None:
     upgrade(empty_url, "0002")
     with pytest.raises(SchemaError, match="is at revision 0002"):

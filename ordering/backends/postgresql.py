@@ -180,12 +180,23 @@ class PostgresBackend(Backend):
         return await self._fetch(name, **params)  # one statement: its own transaction
 
     async def check_schema(self) -> None:
+        queries = self.queries
+
         async def read(connection: asyncpg.Connection) -> tuple[str | None, str | None]:
-            exists = self.queries["schema_exists"]
-            if not await connection.fetchval(exists.sql):
+            ours, compatibility, first_release = await connection.fetchrow(
+                queries["schema_tables"].sql
+            )
+            if not ours:
+                if first_release:  # laid out by the first release: migrating moves it
+                    return await connection.fetchval(queries["first_release_revision"].sql), None
                 return None, None
-            row = await connection.fetchrow(self.queries["schema_revision"].sql)
-            return (row[0], row[1]) if row else (None, None)
+            revision = await connection.fetchval(queries["schema_revision"].sql)
+            oldest = (
+                await connection.fetchval(queries["oldest_code_served"].sql)
+                if compatibility
+                else None
+            )
+            return revision, oldest
 
         revision, oldest = await self.connections.run(read)
         check_schema_rows(

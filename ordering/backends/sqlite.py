@@ -318,10 +318,12 @@ class SqliteBackend(Backend):
 
     async def check_schema(self) -> None:
         def read(execute: Execute) -> tuple[str | None, str | None]:
-            if not execute("schema_exists", {})[0][0]:
+            ours, compatibility, _ = execute("schema_tables", {})[0]
+            if not ours:
                 return None, None
-            row = execute("schema_revision", {})[0]
-            return row[0], row[1]
+            revision = execute("schema_revision", {})
+            oldest = execute("oldest_code_served", {}) if compatibility else []
+            return (revision[0][0] if revision else None), (oldest[0][0] if oldest else None)
 
         revision, oldest = await self._run(read)
         check_schema_rows(self.url, revision, oldest, code_revision=self.code_revision)

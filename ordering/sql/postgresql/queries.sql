@@ -92,13 +92,21 @@ DELETE FROM waiting_followers WHERE $1::text IS NULL OR scope = $1
 
 -- Schema -------------------------------------------------------------------------------
 
+-- name: schema_tables()
+-- Which bookkeeping tables exist: alembic's, code_compatibility (from revision 0003
+-- on), and the first release's version table in public.
+SELECT to_regclass('alembic_version') IS NOT NULL,
+       to_regclass('code_compatibility') IS NOT NULL,
+       to_regclass('public.ordering_alembic_version') IS NOT NULL
+
 -- name: schema_revision()
--- Both NULL when the schema is missing.
-SELECT
-    (SELECT version_num FROM alembic_version LIMIT 1),
-    (SELECT oldest_code_revision FROM code_compatibility LIMIT 1)
--- name: schema_exists()
-SELECT to_regclass('alembic_version') IS NOT NULL AND to_regclass('code_compatibility') IS NOT NULL
+SELECT version_num FROM alembic_version LIMIT 1
+
+-- name: first_release_revision()
+SELECT version_num FROM public.ordering_alembic_version LIMIT 1
+
+-- name: oldest_code_served()
+SELECT oldest_code_revision FROM code_compatibility LIMIT 1
 
 -- Operators: status, listing, prune, replay --------------------------------------
 

@@ -115,14 +115,20 @@ DELETE FROM ordering_waiting_followers WHERE ?1 IS NULL OR scope = ?1
 
 -- Schema -------------------------------------------------------------------------------
 
--- name: schema_exists()
-SELECT count(*) = 2 FROM sqlite_master
-WHERE type = 'table' AND name IN ('ordering_alembic_version', 'ordering_code_compatibility')
+-- name: schema_tables()
+-- Which bookkeeping tables exist: alembic's, code_compatibility (from revision 0003
+-- on), and (PostgreSQL only) the first release's.
+SELECT EXISTS (SELECT 1 FROM sqlite_master
+               WHERE type = 'table' AND name = 'ordering_alembic_version'),
+       EXISTS (SELECT 1 FROM sqlite_master
+               WHERE type = 'table' AND name = 'ordering_code_compatibility'),
+       0
 
 -- name: schema_revision()
-SELECT
-    (SELECT version_num FROM ordering_alembic_version LIMIT 1),
-    (SELECT oldest_code_revision FROM ordering_code_compatibility LIMIT 1)
+SELECT version_num FROM ordering_alembic_version LIMIT 1
+
+-- name: oldest_code_served()
+SELECT oldest_code_revision FROM ordering_code_compatibility LIMIT 1
 
 -- Operators: status, listing, prune, replay --------------------------------------
 
