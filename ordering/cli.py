@@ -19,9 +19,10 @@ from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO, TypeVar
+from typing import Any, BinaryIO, NoReturn, TextIO, TypeVar
 from uuid import UUID
 
+from alembic.util import CommandError
 from rich.console import Console
 from rich.measure import Measurement
 from rich.progress import (
@@ -34,6 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import admin, migrate
@@ -277,14 +279,34 @@ def _note(message: str) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     url = resolve_url(args.url)
     if args.sql:
-        sys.stdout.write(migrate.upgrade_sql(url, args.revision))
+        with _naming_the_database(url):
+            sys.stdout.write(migrate.upgrade_sql(url, args.revision))
         return 0
-    migrate.upgrade(url, args.revision)
+    _upgrade(url, args.revision)
     print(
         f"{safe_url(url)} is at revision "
         f"{migrate.head_revision() if args.revision == 'head' else args.revision}"
     )
     return 0
+
+
+@contextmanager
+def _naming_the_database(url: str) -> Iterator[None]:
+    """Alembic's and the driver's failures, said with the database they were about."""
+    try:
+        yield
+    except (SQLAlchemyError, OSError, CommandError) as exc:
+        raise OrderingError(f"cannot migrate {safe_url(url)}: {describe_error(exc)}") from exc
+
+
+def _upgrade(url: str, revision: str = "head") -> None:
+    parsed = make_url(url)
+    if parsed.drivername.startswith("sqlite") and parsed.database:
+        folder = Path(parsed.database).parent
+        if not folder.is_dir():  # SQLite would say only "unable to open database file"
+            raise FileNotFoundError(f"no directory {folder} for the SQLite database")
+    with _naming_the_database(url):
+        migrate.upgrade(url, revision)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -302,7 +324,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     url = resolve_url(args.url)
-    migrate.upgrade(url)  # the demo's database is the user's scratch store: bring it to head
+    _upgrade(url)  # the demo's database is the user's scratch store: bring it to head
     return asyncio.run(run_demo(url, seed=args.seed))
 
 
@@ -384,14 +406,20 @@ def _numbered_lines(source: BinaryIO, bar: Bar | None = None) -> Iterator[tuple[
 
 
 def _open_events(path: str) -> tuple[BinaryIO, int]:
-    """The events file (``-`` for stdin, read whole so it can be checked first) and its size."""
+    """The events file and its size.  Stdin (``-``) and pipes (``<(zcat events.gz)``)
+    are read whole, so that --strict can check them before replaying."""
+    file = Path(path)
     if path == "-":
         data = sys.stdin.buffer.read()
-        return io.BytesIO(data), len(data)
-    file = Path(path)
-    if not file.is_file():
+    elif file.is_file():
+        return file.open("rb"), file.stat().st_size
+    elif file.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not an events file")
+    elif not file.exists():
         raise FileNotFoundError(f"no such events file: {path}")
-    return file.open("rb"), file.stat().st_size
+    else:
+        data = file.read_bytes()
+    return io.BytesIO(data), len(data)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -496,8 +524,16 @@ def _add_now(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--now", type=_aware_time, default=None, help=argparse.SUPPRESS)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses a bad command line in one line, as every other error is, with exit
+    status 2; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ordering",
         description="A SQL-persisted causal-ordering store for event processing.",
     )
@@ -632,7 +668,7 @@ def describe_error(exc: BaseException) -> str:
     """One line that says what went wrong, without the driver's noise."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         text = f"{type(exc.orig).__name__}: {exc.orig}"
-    elif isinstance(exc, (OrderingError, ValueError, OSError)):
+    elif isinstance(exc, (OrderingError, ValueError, OSError, CommandError)):
         text = str(exc)
     else:
         text = f"{type(exc).__name__}: {exc}"

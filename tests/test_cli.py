@@ -445,6 +445,17 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(
 
     assert main(["replay", str(tmp_path / "none.jsonl"), "--url", missing]) == 1
     assert "no such events file" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path), "--url", missing]) == 1
+    assert f"{tmp_path} is a directory, not an events file" in capsys.readouterr().err
+
+    nowhere = tmp_path / "no-such-dir"
+    assert main(["migrate", "--url", f"sqlite:///{nowhere / 'x.db'}"]) == 1
+    assert f"error: no directory {nowhere} for the SQLite database" in capsys.readouterr().err
+    scratch = f"sqlite:///{tmp_path / 'scratch.db'}"
+    assert main(["migrate", "--url", scratch, "--revision", "9999"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "cannot migrate sqlite+aiosqlite:///" in line and "'9999'" in line
+    assert "--debug" not in line  # a known failure: no traceback to offer
 
     events = write_events(tmp_path / "events.jsonl", [make_event(MutableClock(T0))])
     out = tmp_path / "out.jsonl"
@@ -458,16 +469,25 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(
         main(["--debug", "status", "--url", missing])
 
 
-def test_bad_options_are_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (
-        ["prune", "--batch-size", "0"],
-        ["followers", "--leader", "not-a-uuid"],
-        ["status", "--now", "2026-01-05T09:00:00"],  # naive
+def test_bad_options_are_refused_by_the_parser_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv, expected in (
+        (["prune", "--batch-size", "0"], "argument --batch-size: must be a whole number"),
+        (["followers", "--leader", "nope"], "argument --leader: not an event id (a UUID): 'nope'"),
+        (
+            ["status", "--now", "2026-01-05T09:00:00"],
+            "has no timezone: add Z",
+        ),
+        (["status", "--now", "yesterday"], "argument --now: not an ISO 8601 time: 'yesterday'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
     ):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
-    assert "has no timezone" in capsys.readouterr().err
+        [line] = capsys.readouterr().err.splitlines()
+        assert expected in line
+        assert line.endswith("--help`)")
 
 
 def test_every_command_names_the_url_environment_variable() -> None:
