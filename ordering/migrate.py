@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from alembic import command
@@ -39,8 +40,9 @@ def alembic_config(
     config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("sqlalchemy.url", resolve_url(url).replace("%", "%%"))
     if extra_versions is not None:
-        versions = f"{migrations_dir() / 'versions'} {extra_versions}"
-        config.set_main_option("version_locations", versions)
+        config.set_main_option("path_separator", "os")
+        versions = os.pathsep.join([str(migrations_dir() / "versions"), str(extra_versions)])
+        config.set_main_option("version_locations", versions.replace("%", "%%"))
     config.attributes["ordering_schema"] = resolve_schema(schema)
     return config
 

@@ -35,7 +35,21 @@ def backend_for(url: str, schema: str | None = None) -> Backend:
     if url.startswith("sqlite"):
         return _registry.get(url, SqliteBackend)
     chosen = schema or resolve_schema(None)
-    return _registry.get(f"{url}#{chosen}", lambda _: PostgresBackend(url, schema=chosen))
+    return _registry.get(_key(url, chosen), lambda _: PostgresBackend(url, schema=chosen))
+
+
+def _key(url: str, schema: str | None) -> str:
+    return url if url.startswith("sqlite") else f"{url}#{schema or resolve_schema(None)}"
+
+
+def use_backend(url: str, backend: Backend, *, schema: str | None = None) -> None:
+    """Make ``backend`` the shared backend of ``url`` (and, on PostgreSQL, ``schema``) on
+    the running event loop, as if ``backend_for`` had built it: for a backend built with
+    other statements or another code revision (the next release's code, in the rolling
+    deploy test).  Raises RuntimeError if one was built there already."""
+    installed = _registry.get(_key(url, schema), lambda _: backend)
+    if installed is not backend:
+        raise RuntimeError(f"a backend for {url} was built already on this event loop")
 
 
 def urls_opened() -> set[str]:
@@ -64,4 +78,5 @@ __all__ = [
     "StatementListener",
     "backend_for",
     "dispose_backends",
+    "use_backend",
 ]

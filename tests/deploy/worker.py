@@ -51,11 +51,9 @@ from ordering import (
     SchemaError,
     sql,
 )
-from ordering import backends as ordering_backends
-from ordering.backends import Backend, PostgresBackend, SqliteBackend
+from ordering.backends import Backend, PostgresBackend, SqliteBackend, use_backend
 from ordering.causal import dispose_engines
 from ordering.engine import resolve_url
-from ordering.schema import resolve_schema
 
 logger = logging.getLogger("deploy.worker")
 
@@ -99,16 +97,6 @@ def next_release_backend(url: str, schema: str | None = None) -> Backend:
     if dialect == "sqlite":
         return SqliteBackend(url, queries=queries, code_revision=NEXT_REVISION)
     return PostgresBackend(url, schema=schema, queries=queries, code_revision=NEXT_REVISION)
-
-
-def use_backend(url: str, backend: Backend, schema: str | None = None) -> None:
-    """Make ``backend`` the shared backend of ``url`` on the running loop, as if
-    ``backend_for`` had built it.  There is no public hook for this yet: it fills the
-    registry with the key ``backend_for`` looks up."""
-    key = url if dialect_of(url) == "sqlite" else f"{url}#{resolve_schema(schema)}"
-    installed = ordering_backends._registry.get(key, lambda _: backend)
-    if installed is not backend:
-        raise RuntimeError(f"a backend for {url} was built already on this loop")
 
 
 @dataclass
@@ -243,7 +231,7 @@ async def main_async(args: argparse.Namespace) -> int:
     name = args.name or args.mode
     ordering = CausalOrdering(args.scope, url=url)
     if args.mode == "new":
-        use_backend(url, next_release_backend(url, ordering.schema), ordering.schema)
+        use_backend(url, next_release_backend(url, ordering.schema), schema=ordering.schema)
     worker = Worker(ordering, name, Path(args.handled), args.delay)
     ordering.backend.listeners.append(worker.stats.listen)
     code = 0
