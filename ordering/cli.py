@@ -62,7 +62,11 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
         finally:
             await dispose_engines()
 
-    return asyncio.run(run())
+    try:
+        import uvloop  # the optional extra: a faster event loop when installed
+    except ImportError:
+        return asyncio.run(run())
+    return uvloop.run(run())
 
 
 # -- argument types -----------------------------------------------------------------
