@@ -1,18 +1,26 @@
-"""Test helpers: a clock tests can move, event factories, and a consumer like a user's."""
+"""Test helpers: a clock tests can move, event factories, a consumer like a user's,
+plain SQL on the store's tables, and waiting for a condition with a deadline."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, TypeVar
 from uuid import UUID, uuid4
 
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent
+from ordering.backends import Backend
 from ordering.causal import dispose_engines
 from ordering.models import utc_now
+from ordering.schema import resolve_schema
 
 T = TypeVar("T")
 
@@ -145,3 +153,146 @@ def run_in_threads(count: int, work: Callable[[int], Coroutine[Any, Any, T]]) ->
     if errors:
         raise errors[0]
     return results
+
+
+# -- plain SQL on the store's objects ------------------------------------------------
+
+#: The store's objects that tests name in plain SQL as ``{name}``.
+STORE_OBJECTS = (
+    "seen_events",
+    "processing_leases",
+    "waiting_followers",
+    "code_compatibility",
+    "alembic_version",
+    "waiting",
+    "stuck",
+    "held_leases",
+)
+
+
+def store_object(url: str, name: str, schema: str | None = None) -> str:
+    """The store's object ``name`` as plain SQL names it: in the store's own schema on
+    PostgreSQL (``ordering.seen_events``), prefixed on SQLite (``ordering_seen_events``)."""
+    if url.startswith("sqlite"):
+        return f"ordering_{name}"
+    return f"{resolve_schema(schema)}.{name}"
+
+
+def _stored(url: str, value: Any) -> Any:
+    """A value as the store keeps it: on SQLite, ids as 32 hex digits and times as
+    fixed-width UTC text; PostgreSQL's driver takes UUIDs and aware datetimes as they are."""
+    if not url.startswith("sqlite"):
+        return value
+    if isinstance(value, UUID):
+        return value.hex
+    if isinstance(value, datetime):
+        assert value.tzinfo is not None, f"a naive datetime in a test's SQL: {value!r}"
+        return value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
+    return value
+
+
+def _statement(url: str, sql: str) -> str:
+    return sql.format_map({name: store_object(url, name) for name in STORE_OBJECTS})
+
+
+async def run_sql(
+    url: str,
+    sql: str,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one statement of plain SQL on the database, beside the store rather than
+    through it, in a transaction of its own; return its rows (none for a write).
+
+    ``{seen_events}``, ``{waiting}``, ... in ``sql`` name the store's objects for the
+    URL's dialect (see ``store_object``); a list of parameter sets runs it for each."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            statement = text(_statement(url, sql))
+            if isinstance(params, Sequence):
+                rows = [{k: _stored(url, v) for k, v in p.items()} for p in params]
+                await connection.execute(statement, rows)
+                return []
+            values = {k: _stored(url, v) for k, v in (params or {}).items()}
+            result = await connection.execute(statement, values)
+            if not result.returns_rows:
+                return []
+            return [dict(row) for row in result.mappings()]
+    finally:
+        await engine.dispose()
+
+
+async def sql_value(url: str, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+    """The one value the statement returns."""
+    rows = await run_sql(url, sql, params)
+    assert len(rows) == 1 and len(rows[0]) == 1, f"expected one value, got {rows}"
+    return next(iter(rows[0].values()))
+
+
+class ScopeRows(NamedTuple):
+    """How many rows of each table a scope holds."""
+
+    seen: int
+    leases: int
+    followers: int
+
+
+async def rows_of_scope(url: str, scope: str) -> ScopeRows:
+    """The rows the scope holds in each of the store's tables, counted in plain SQL."""
+    [row] = await run_sql(
+        url,
+        "SELECT"
+        " (SELECT count(*) FROM {seen_events} WHERE scope = :scope) AS seen,"
+        " (SELECT count(*) FROM {processing_leases} WHERE scope = :scope) AS leases,"
+        " (SELECT count(*) FROM {waiting_followers} WHERE scope = :scope) AS followers",
+        {"scope": scope},
+    )
+    return ScopeRows(int(row["seen"]), int(row["leases"]), int(row["followers"]))
+
+
+# -- waiting for what a test can observe -----------------------------------------------
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], *, what: str, within: float = 10.0
+) -> None:
+    """Return as soon as ``condition()`` holds; fail naming ``what`` after ``within``
+    seconds.  For a test that waits on something it can observe, instead of sleeping."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class StatementLog:
+    """The names of the statements a backend sent, in order (see ``Backend.listeners``).
+
+    Listeners may be called from a worker thread (SQLite waiting out a lock); appending
+    to a list is safe there."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __call__(self, name: str, sql: str) -> None:
+        self.names.append(name)
+
+    def count(self, name: str) -> int:
+        return self.names.count(name)
+
+
+@contextmanager
+def statements_of(backend: Backend) -> Iterator[StatementLog]:
+    """Log the statements ``backend`` sends while the block runs."""
+    log = StatementLog()
+    backend.listeners.append(log)
+    try:
+        yield log
+    finally:
+        backend.listeners.remove(log)
