@@ -1,5 +1,4 @@
-"""The consumer's entry point: wait_for_leader and preceding_event_confirmed
-(rules 2, 4 and 7 of the store issue)."""
+"""The consumer's entry point: wait_for_leader and preceding_event_confirmed."""
 
 from __future__ import annotations
 
@@ -20,30 +19,39 @@ from ordering import (
     MaxDepthExceeded,
     ReceivedEvent,
 )
+from ordering.backends import BeginRequest, Begun, Claim, CompleteRequest, ParkRequest
 
-from .helpers import Consumer, MutableClock, assert_causal, make_chain, make_event
+from .helpers import (
+    Consumer,
+    MutableClock,
+    assert_causal,
+    eventually,
+    make_chain,
+    make_event,
+    rows_of_scope,
+    sql_value,
+    statements_of,
+)
 
 Ordering = CausalOrdering[ReceivedEvent]
 
 
 async def _rows_left(ordering: Ordering) -> tuple[int, int]:
     """(waiting followers, live or expired leases) left in the scope."""
-    from sqlalchemy import func, select
+    rows = await rows_of_scope(ordering.url, ordering.scope)
+    return rows.followers, rows.leases
 
-    from ordering.schema import processing_leases, waiting_followers
 
-    async with ordering.store.engine.connect() as connection:
-        followers = (
-            await connection.execute(
-                select(func.count()).where(waiting_followers.c.scope == ordering.scope)
-            )
-        ).scalar_one()
-        leases = (
-            await connection.execute(
-                select(func.count()).where(processing_leases.c.scope == ordering.scope)
-            )
-        ).scalar_one()
-    return followers, leases
+async def _marked_by_a_waiter(ordering: Ordering, leader: ReceivedEvent) -> bool:
+    """Whether a follower waiting for the leader marked its lease (PostgreSQL), so that
+    the leader's completion notifies."""
+    marked = await sql_value(
+        ordering.url,
+        "SELECT count(*) FROM {processing_leases}"
+        " WHERE scope = :scope AND event_id = :event_id AND has_waiters",
+        {"scope": ordering.scope, "event_id": leader.id},
+    )
+    return bool(marked)
 
 
 @pytest.mark.parametrize("reenter", [True, False], ids=["handler-reenters", "plain-handler"])
@@ -149,8 +157,12 @@ async def test_a_follower_waits_for_a_leader_in_flight(
     consumer = Consumer(ordering)
     leader_may_finish = asyncio.Event()
     task = await _leader_in_flight(ordering, consumer, leader, leader_may_finish)
-    follower_task = asyncio.create_task(consumer.consume(follower))
-    await asyncio.sleep(0.1)
+    with statements_of(ordering.backend) as sent:
+        follower_task = asyncio.create_task(consumer.consume(follower))
+        # It looked at its leader twice: it found it in flight and chose to wait on.
+        await eventually(
+            lambda: sent.count("leader_status") >= 2, what="the follower to poll its leader"
+        )
     assert not follower_task.done()  # waiting, not parked
     assert await ordering.get_followers(leader) == []
     leader_may_finish.set()
@@ -186,7 +198,7 @@ async def test_a_leader_in_flight_that_never_finishes_parks_the_follower(
 async def test_a_follower_parked_through_the_public_calls_is_handed_over(
     ordering: Ordering, clock: MutableClock
 ) -> None:
-    """The seed's own pattern (event_is_processing, then wait_for_leader): parking gives
+    """Prefect's own pattern (event_is_processing, then wait_for_leader): parking gives
     up the follower's lease, so its leader can take it over at once."""
     leader = make_event(clock, name="leader")
     follower = make_event(clock, name="follower", follows=leader.id)
@@ -258,10 +270,17 @@ async def test_followers_claimed_by_a_dead_worker_come_back_without_the_lookback
     await ordering.record_follower(follower)
     # a worker completes the leader, claims the follower, and dies before handling it
     now = clock()
-    claimed = await ordering.store.complete(
-        scope, leader.id, None, now, "dead-worker", now + timedelta(seconds=5)
+    claimed = await ordering.backend.complete(
+        CompleteRequest(
+            scope=scope,
+            event_id=leader.id,
+            lease_owner=None,
+            now=now,
+            claim=Claim(owner="dead-worker", until=now + timedelta(seconds=5)),
+            is_follower=False,
+        )
     )
-    assert len(claimed) == 1
+    assert [ReceivedEvent.model_validate_json(row) for row in claimed] == [follower]
     assert await ordering.get_lost_followers() == []
     assert await ordering.event_has_started_processing(follower)
     clock.advance(timedelta(seconds=5))
@@ -334,8 +353,14 @@ async def test_postgres_wakes_a_waiting_follower_without_polling(
     consumer = Consumer(ordering)
     leader_may_finish = asyncio.Event()
     task = await _leader_in_flight(ordering, consumer, leader, leader_may_finish)
-    follower_task = asyncio.create_task(consumer.consume(follower))
-    await asyncio.sleep(0.2)  # the follower is waiting (and, on PostgreSQL, has marked the lease)
+    with statements_of(ordering.backend) as sent:
+        follower_task = asyncio.create_task(consumer.consume(follower))
+        if postgres:  # the follower marked the lease, and waits to be notified
+            await eventually(
+                lambda: _marked_by_a_waiter(ordering, leader), what="the follower to mark"
+            )
+        else:  # the follower polls
+            await eventually(lambda: sent.count("leader_status") >= 2, what="the follower to poll")
     assert not follower_task.done()
     leader_may_finish.set()
     await task
@@ -358,7 +383,7 @@ async def test_an_event_processed_already_is_refused_not_handled_again(
     assert isinstance(raised.value, EventBeingProcessed)  # consumers that retry those: fine
     assert consumer.handled == [event]
     assert not await ordering.event_has_started_processing(event)
-    # the seed's bare processing guard is about processing only
+    # Prefect's bare processing guard is about processing only
     assert await ordering.record_event_as_processing(event)
 
 
@@ -369,21 +394,35 @@ async def test_a_park_retried_after_its_reply_was_lost_still_parks(
     the retried park must still say "parked": the leader has the follower now."""
     leader = make_event(clock)
     follower = make_event(clock, follows=leader.id)
-    store, now = ordering.store, clock()
-    assert await store.begin(ordering.scope, follower.id, leader.id, "w1", now, now, now)
-    park = (
-        ordering.scope,
-        follower.id,
-        leader.id,
-        follower.occurred,
-        follower.received,
-        follower.model_dump_json(),
-        "w1",
-        now - timedelta(minutes=30),
+    backend, now = ordering.backend, clock()
+    begun = await backend.begin(
+        BeginRequest(
+            scope=ordering.scope,
+            event_id=follower.id,
+            follows=leader.id,
+            owner="w1",
+            now=now,
+            expires_at=now + ordering.lease_duration,
+            seen_after=now - ordering.seen_expiration,
+        )
     )
-    assert await store.park(*park)
+    assert begun == Begun(leader_seen=False, leader_in_flight=False)
+    park = ParkRequest(
+        scope=ordering.scope,
+        event_id=follower.id,
+        leader_id=leader.id,
+        occurred=follower.occurred,
+        received=follower.received,
+        event_json=follower.model_dump_json(),
+        lease_owner="w1",
+        seen_after=now - timedelta(minutes=30),
+    )
+    assert await backend.park(park) is True
+    assert await ordering.get_followers(leader) == [follower]
+    assert not await ordering.event_has_started_processing(follower)  # parking released it
     await ordering.record_event_as_seen(leader)
-    assert await store.park(*park)  # the retry: still parked, not "go ahead"
+    assert await backend.park(park) is True  # the retry: still parked, not "go ahead"
+    assert await ordering.get_followers(leader) == [follower]
 
 
 async def test_postgres_notifies_only_for_a_leader_someone_waits_for(
@@ -406,8 +445,13 @@ async def test_postgres_notifies_only_for_a_leader_someone_waits_for(
         unwatched, watched = make_event(clock, name="unwatched"), make_event(clock, name="watched")
         assert await consumer.consume(unwatched)
         async with ordering.preceding_event_confirmed(consumer.handler, watched):
-            assert await ordering.store.mark_waiting(scope, watched.id, clock())
-        await asyncio.sleep(0.2)
+            marked = await ordering.backend.mark_waiting(
+                scope=scope, leader_id=watched.id, now=clock()
+            )
+            assert marked is True
+        # Notifications arrive in commit order: had the unwatched completion sent one,
+        # it would be heard before the watched one.
+        await eventually(lambda: bool(heard), what="the watched completion's notification")
         assert heard == [f"{scope}/{watched.id}"]
     finally:
         await listener.close()
