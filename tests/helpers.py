@@ -127,7 +127,7 @@ def assert_causal(handled: list[ReceivedEvent], events: list[Any]) -> None:
 
 def run_in_threads(count: int, work: Callable[[int], Coroutine[Any, Any, T]]) -> list[T]:
     """Run ``work(i)`` for i in range(count), each in its own thread and event loop, so
-    each gets its own engine and connections: real concurrency against the database."""
+    each gets its own backend and connections: real concurrency against the database."""
     barrier = threading.Barrier(count)
     results: list[Any] = [None] * count
     errors: list[BaseException] = []

@@ -1,4 +1,5 @@
-"""Waiting followers and the lost-follower sweep (rules 5, 6 and 8 of the store issue)."""
+"""Waiting followers: their order, recording and forgetting, scopes, and the
+lost-follower sweep."""
 
 from __future__ import annotations
 

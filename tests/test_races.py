@@ -1,4 +1,5 @@
-"""Races across connections and processes (rules 3 and 4 of the store issue)."""
+"""Races across connections and processes: leaders and followers at the same moment,
+and state shared by instances and processes."""
 
 from __future__ import annotations
 
@@ -11,18 +12,22 @@ import sys
 import threading
 from datetime import timedelta
 
-from sqlalchemy import func, select
-
 from ordering import CausalOrdering
-from ordering.schema import processing_leases, waiting_followers
 
-from .helpers import Consumer, MutableClock, make_event, real_clock, run_in_threads
+from .helpers import (
+    Consumer,
+    MutableClock,
+    make_event,
+    real_clock,
+    rows_of_scope,
+    run_in_threads,
+)
 
 PAIRS = 300
 
 
 def test_leaders_and_followers_racing_strand_no_follower(db_url: str, scope: str) -> None:
-    """Hundreds of leader/follower pairs, leaders on one engine and followers on another,
+    """Hundreds of leader/follower pairs, leaders on one backend and followers on another,
     each pair processed at the same moment: every follower is handled exactly once,
     after its leader, and no follower is left waiting."""
     clock = real_clock()
@@ -55,20 +60,9 @@ def test_leaders_and_followers_racing_strand_no_follower(db_url: str, scope: str
             assert by_leaders.index(f"leader-{i}") < by_leaders.index(f"follower-{i}")
 
     async def leftovers(_: int) -> tuple[int, int]:
-        ordering = CausalOrdering(scope, url=db_url)
-        async with ordering.store.engine.connect() as connection:
-            waiting = (
-                await connection.execute(
-                    select(func.count()).where(waiting_followers.c.scope == scope)
-                )
-            ).scalar_one()
-            leases = (
-                await connection.execute(
-                    select(func.count()).where(processing_leases.c.scope == scope)
-                )
-            ).scalar_one()
-        await ordering.clear()
-        return waiting, leases
+        rows = await rows_of_scope(db_url, scope)
+        await CausalOrdering(scope, url=db_url).clear()
+        return rows.followers, rows.leases
 
     assert run_in_threads(1, leftovers) == [(0, 0)]
 
