@@ -337,11 +337,12 @@ class CausalOrdering(Generic[E]):
             return
         owner = _new_owner()
         now = self._now()
-        await self._take_lease(event, owner, now, None)
+        backend = self.backend
+        await self._take_lease(backend, event, owner, now, None)
         lease = _Lease(owner)
         _hold(self._key(event.id), lease)  # so that wait_for_leader gives it up when parking
         done = False
-        kept = self._keep(owner)
+        kept = self._keep(backend, owner)
         try:
             try:
                 yield
@@ -369,10 +370,15 @@ class CausalOrdering(Generic[E]):
                 )
 
     async def _take_lease(
-        self, event: OrderedEvent, owner: str, now: datetime, leader: UUID | None
+        self,
+        backend: Backend,
+        event: OrderedEvent,
+        owner: str,
+        now: datetime,
+        leader: UUID | None,
     ) -> Begun:
         """Lease the event (and look at its leader), or raise why not."""
-        taken = await self.backend.begin(
+        taken = await backend.begin(
             BeginRequest(
                 scope=self.scope,
                 event_id=event.id,
@@ -392,10 +398,9 @@ class CausalOrdering(Generic[E]):
         assert isinstance(taken, Begun)
         return taken
 
-    def _keep(self, owner: str) -> int:
+    def _keep(self, backend: Backend, owner: str) -> int:
         """Have the owner's leases and claims renewed while its body runs long (see
         ordering/renewal.py); give the key back to ``keeper().release``."""
-        backend = self.backend
 
         async def renew() -> None:
             expires_at = self._now() + self.lease_duration
@@ -569,7 +574,7 @@ class CausalOrdering(Generic[E]):
             held = None  # a lease of record_event_as_processing: take ours as usual
         if held is None:
             owner = _new_owner()
-            begun = await self._take_lease(event, owner, now, leader)
+            begun = await self._take_lease(backend, event, owner, now, leader)
             leader_seen, leader_in_flight = begun.leader_seen, begun.leader_in_flight
         else:
             owner = held.owner
@@ -586,7 +591,7 @@ class CausalOrdering(Generic[E]):
         released: list[str] = []
         claim: Claim | None = None
         done = False
-        kept = self._keep(owner)
+        kept = self._keep(backend, owner)
         try:
             try:
                 if leader is not None and not leader_seen:
@@ -636,7 +641,7 @@ class CausalOrdering(Generic[E]):
         """
         pending = list(followers)
         backend = self.backend
-        kept = self._keep(owner)
+        kept = self._keep(backend, owner)
         try:
             while pending:
                 follower = pending[0]
