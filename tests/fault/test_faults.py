@@ -21,13 +21,17 @@ from ordering.models import utc_now
 from tests.conftest import drop_postgres_database, fresh_postgres_database
 
 from .checker import Report
-from .harness import SEED, Harness, scaled
+from .harness import SCALE, SEED, Harness, scaled
 from .workload import make_chains
 
 #: Errors a worker may see while the database is cut off: the store's own, after its
 #: bounded retries, and the handler's own INSERT failing.  Anything else (a raw
 #: driver error) means the store misclassified a lost connection.
 CLEAR_OUTAGE_ERRORS = {"StoreUnavailable", "RecordFailed"}
+
+#: Above the harness's own waits (a drain, a settle, a worker's exit, the sweep), which
+#: say more when they run out; grows with the workload as they do.
+pytestmark = pytest.mark.timeout(600 * max(1.0, SCALE))
 
 
 @pytest.fixture
