@@ -117,11 +117,12 @@ async def release() -> int:
 async def bench(number: int) -> int:
     """The cost of Prefect building our ordering once per event, beside the core
     ordering and Prefect's in-memory one, and proof that building opens nothing: the
-    store registry stays empty, and orderings that touch the database share one store."""
+    backend registry stays empty, and orderings that touch the database share one
+    backend."""
     from prefect.server.events.ordering import memory
 
     from ordering import CausalOrdering as CoreOrdering
-    from ordering.causal import _stores
+    from ordering.backends import _registry
     from ordering.prefect import CausalOrdering, database_url
 
     def per_call(build: Callable[[], object]) -> str:
@@ -131,10 +132,10 @@ async def bench(number: int) -> int:
         return f"{min(rounds) / (number // 5) * 1e6:8.2f} µs"
 
     url = database_url()
-    before = len(_stores.current())
+    before = len(_registry.current())
     ours = per_call(lambda: CausalOrdering(scope="triggers"))
-    after = len(_stores.current())
-    engines = {id(CausalOrdering(scope="triggers").store.engine) for _ in range(1000)}
+    after = len(_registry.current())
+    backends = {id(CausalOrdering(scope="triggers").backend) for _ in range(1000)}
     print(f"{number:,} constructions each (best of 5 rounds), per construction:")
     print(f"  ordering.prefect.CausalOrdering(scope='triggers')  {ours}")
     print(f"  get_triggers_causal_ordering() (Prefect's accessor) {per_call(_accessor)}")
@@ -146,8 +147,8 @@ async def bench(number: int) -> int:
         f"  Prefect's memory CausalOrdering(scope='triggers')  "
         f"{per_call(lambda: memory.CausalOrdering(scope='triggers'))}"
     )
-    print(f"stores (engines) on this loop: {before} before, {after} after the constructions")
-    print(f"distinct engines behind 1,000 orderings that touched the database: {len(engines)}")
+    print(f"backends on this loop: {before} before, {after} after the constructions")
+    print(f"distinct backends behind 1,000 orderings that touched the database: {len(backends)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``ordering.prefect``: our store as Prefect's ``causal_ordering`` backend (issue 6).
+"""``ordering.prefect``: our store as Prefect's ``causal_ordering`` backend.
 
 Every test goes through Prefect's own machinery: the setting
 PREFECT_SERVER_EVENTS_CAUSAL_ORDERING, the accessor ``get_triggers_causal_ordering()``,
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -57,12 +57,13 @@ from prefect.settings import (
 import ordering
 from ordering import PRECEDING_EVENT_LOOKBACK, SchemaError
 from ordering import prefect as ordering_prefect
-from ordering.causal import _stores
+from ordering.backends import _registry
 from ordering.engine import URL_ENV, resolve_url
 from ordering.migrate import current_revision, downgrade, head_revision, upgrade
 from ordering.models import utc_now
+from ordering.schema import resolve_schema
 
-from .helpers import MutableClock, assert_causal
+from .helpers import MutableClock, assert_causal, rows_of_scope, store_object
 from .prefect_support import OUR_ORDERING, PrefectConsumer, causal_graph, prefect_event
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,15 +102,7 @@ async def triggers_scope(prefect_on: str, clock: MutableClock) -> AsyncIterator[
 
 
 async def _waiting(scope: PrefectOrdering) -> int:
-    async with scope.store.engine.connect() as connection:
-        return int(
-            (
-                await connection.execute(
-                    text("SELECT count(*) FROM ordering_waiting_followers WHERE scope = :scope"),
-                    {"scope": scope.scope},
-                )
-            ).scalar_one()
-        )
+    return (await rows_of_scope(scope.url, scope.scope)).followers
 
 
 # -- wiring -----------------------------------------------------------------------------
@@ -215,7 +208,9 @@ def throwaway_url(empty_url: str) -> Iterator[str]:
     dropped (or has no schema), and later tests' calls would fail on it."""
     yield empty_url
     for url in (empty_url, _with_password(empty_url)):
-        _stores.urls_opened.discard(resolve_url(url))
+        resolved = resolve_url(url)
+        _registry.urls_opened.discard(resolved)  # SQLite's key
+        _registry.urls_opened.discard(f"{resolved}#{resolve_schema()}")  # PostgreSQL's
 
 
 async def test_a_missing_schema_names_the_migrate_command_without_the_password(
@@ -348,10 +343,10 @@ async def test_building_an_ordering_per_event_opens_no_engine(prefect_on: str) -
     """Prefect builds one ordering per event: none of them may open anything."""
     await ordering.causal.dispose_engines()
     built = [ours() for _ in range(2_000)]
-    assert _stores.current() == []  # construction touched no store, engine or pool
-    stores = {id(o.store) for o in built}
-    assert len(stores) == 1
-    assert len(_stores.current()) == 1
+    assert _registry.current() == []  # construction touched no backend or connection
+    backends = {id(o.backend) for o in built}
+    assert len(backends) == 1
+    assert len(_registry.current()) == 1
 
 
 # -- Prefect's multi-worker check ------------------------------------------------------
@@ -451,13 +446,43 @@ async def test_parked_followers_survive_a_restart(
     assert await _waiting(triggers_scope) == 0
 
 
-async def _tables(url: str) -> set[str]:
+#: The store's tables, by the names they have in the store's own schema on PostgreSQL
+#: (on SQLite they are prefixed ``ordering_``).
+OUR_TABLES = {
+    "alembic_version",
+    "code_compatibility",
+    "processing_leases",
+    "seen_events",
+    "waiting_followers",
+}
+
+
+async def _tables(url: str, schema: str | None = None) -> set[str]:
+    """The tables of ``schema`` (default: the connection's own, Prefect's)."""
     engine = create_async_engine(url)
     try:
         async with engine.connect() as connection:
-            return set(await connection.run_sync(lambda c: inspect(c).get_table_names()))
+            return set(
+                await connection.run_sync(lambda c: inspect(c).get_table_names(schema=schema))
+            )
     finally:
         await engine.dispose()
+
+
+async def _our_tables(url: str) -> set[str]:
+    """The store's tables in the database, by their names in OUR_TABLES: those of the
+    store's schema on PostgreSQL, the prefixed ones on SQLite."""
+    if url.startswith("sqlite"):
+        prefixed = {t for t in await _tables(url) if t.startswith("ordering_")}
+        return {t.removeprefix("ordering_") for t in prefixed}
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            schemas = await connection.run_sync(lambda c: inspect(c).get_schema_names())
+    finally:
+        await engine.dispose()
+    schema = resolve_schema()
+    return await _tables(url, schema=schema) if schema in schemas else set()
 
 
 async def test_our_schema_lives_beside_prefects_in_prefects_database(
@@ -472,15 +497,15 @@ async def test_our_schema_lives_beside_prefects_in_prefects_database(
     await asyncio.to_thread(_run, migrate, env)
 
     tables = await _tables(empty_url)
-    added = {t for t in tables if t.startswith("ordering_")}
-    assert added == {
-        "ordering_alembic_version",
-        "ordering_processing_leases",
-        "ordering_seen_events",
-        "ordering_waiting_followers",
-    }
-    assert prefects & added == set()
-    assert tables == prefects | added  # we added our tables and touched none of Prefect's
+    assert await _our_tables(empty_url) == OUR_TABLES
+    # Beside Prefect's on SQLite, prefixed; on PostgreSQL in a schema of their own.
+    beside = (
+        {store_object(empty_url, t) for t in OUR_TABLES}
+        if empty_url.startswith("sqlite")
+        else set()
+    )
+    assert prefects & beside == set()
+    assert tables == prefects | beside  # we added our tables and touched none of Prefect's
     assert "alembic_version" in prefects
 
     monkeypatch.delenv(URL_ENV, raising=False)
@@ -521,50 +546,42 @@ async def _prefect_drop_db(url: str) -> None:
             await (await interface.engine()).dispose()
 
 
-async def _our_tables(url: str) -> set[str]:
-    return {t for t in await _tables(url) if t.startswith("ordering_")}
-
-
-#: Why a reset of Prefect's database with our schema inside fails today, per dialect.
-#: Known limits of Prefect's own reset on a database that holds our schema too.
-RESET_LIMITS = {
-    "postgresql": "Prefect's reset fails: PostgreSQL refuses to DROP TABLE under the audit "
-    "views of revision 0002 (the README gives the procedure that works)",
-}
-
-
 async def test_ordering_migrate_restores_our_schema_after_prefects_database_reset(
-    empty_url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    empty_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``prefect server database reset`` drops every table it finds, ours too; then
-    ``ordering migrate`` must bring them back (the README promises it)."""
-    dialect = request.node.callspec.params["empty_url"]
-    if dialect in RESET_LIMITS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=RESET_LIMITS[dialect]))
+    """``prefect server database reset`` first drops every table it finds in the
+    default schema: on SQLite ours too, and ``ordering migrate`` must bring them back;
+    on PostgreSQL ours live in a schema of their own, which the reset leaves alone
+    (docs/prefect.md), and ``ordering migrate`` finds nothing to do."""
     monkeypatch.delenv(URL_ENV, raising=False)
     await asyncio.to_thread(upgrade, empty_url)
 
     await _prefect_drop_db(empty_url)
-    assert await _our_tables(empty_url) == set()
+    survived = OUR_TABLES if empty_url.startswith("postgresql") else set()
+    assert await _our_tables(empty_url) == survived
 
     await asyncio.to_thread(upgrade, empty_url)
     assert await current_revision(empty_url) == head_revision()
+    assert await _our_tables(empty_url) == OUR_TABLES
 
 
 async def test_the_documented_reset_procedure_restores_our_schema(
     empty_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """the README: take our schema down to base, reset Prefect, migrate again."""
+    """docs/prefect.md: take our schema down to base, reset Prefect, migrate again."""
     monkeypatch.delenv(URL_ENV, raising=False)
     await asyncio.to_thread(upgrade, empty_url)
 
     await asyncio.to_thread(downgrade, empty_url, "base")
     await _prefect_drop_db(empty_url)
-    assert await _our_tables(empty_url) == set()
+    # Nothing of ours is left but, on PostgreSQL, alembic's version table, empty, in
+    # the store's schema (which Prefect's reset does not reach).
+    assert await _our_tables(empty_url) <= {"alembic_version"}
+    assert await current_revision(empty_url) is None
 
     await asyncio.to_thread(upgrade, empty_url)
     assert await current_revision(empty_url) == head_revision()
-    assert len(await _our_tables(empty_url)) == 4
+    assert await _our_tables(empty_url) == OUR_TABLES
 
 
 async def test_a_duplicate_delivery_is_acknowledged_by_prefects_consumer(
