@@ -11,7 +11,6 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from sqlalchemy import text, update
 
 from ordering import (
     LEASE_DURATION,
@@ -22,9 +21,16 @@ from ordering import (
     admin,
 )
 from ordering.models import utc_now
-from ordering.schema import waiting_followers
 
-from .helpers import Consumer, MutableClock, assert_causal, make_chain, make_event
+from .helpers import (
+    Consumer,
+    MutableClock,
+    assert_causal,
+    make_chain,
+    make_event,
+    run_sql,
+    sql_value,
+)
 
 SECOND = timedelta(seconds=1)
 
@@ -32,13 +38,19 @@ SECOND = timedelta(seconds=1)
 async def claim(ordering: CausalOrdering[Any], event: ReceivedEvent, until: datetime) -> None:
     """Mark a waiting follower claimed, as a leader's completion does (tests set the
     claim directly to choose its expiry)."""
-    async with ordering.store.engine.connect() as connection:
-        await connection.execute(
-            update(waiting_followers)
-            .where(waiting_followers.c.scope == ordering.scope)
-            .where(waiting_followers.c.follower_id == event.id)
-            .values(claimed_by="worker-x:1", claimed_until=until)
-        )
+    await run_sql(
+        ordering.url,
+        "UPDATE {waiting_followers} SET claimed_by = :owner, claimed_until = :until"
+        " WHERE scope = :scope AND follower_id = :follower_id",
+        {"owner": "worker-x:1", "until": until, "scope": ordering.scope, "follower_id": event.id},
+    )
+    claimed = await sql_value(
+        ordering.url,
+        "SELECT count(*) FROM {waiting_followers}"
+        " WHERE scope = :scope AND follower_id = :follower_id AND claimed_by = :owner",
+        {"owner": "worker-x:1", "scope": ordering.scope, "follower_id": event.id},
+    )
+    assert claimed == 1, f"no waiting follower {event.id} to claim"
 
 
 async def populate(ordering: CausalOrdering[Any], clock: MutableClock) -> dict[str, Any]:
@@ -445,14 +457,12 @@ async def test_audit_views_answer_in_database_time(
     await claim(ordering, abandoned, clock() - timedelta(minutes=1))
     assert await ordering.record_event_as_processing(make_event(clock))  # live
 
-    async def query(sql: str) -> list[Any]:
-        async with ordering.store.engine.connect() as connection:
-            result = await connection.execute(text(sql), {"scope": ordering.scope})
-            return list(result.mappings())
+    async def query(sql: str) -> list[dict[str, Any]]:
+        return await run_sql(db_url, sql, {"scope": ordering.scope})
 
     waiting = {
         row["event_name"]: row
-        for row in await query("SELECT * FROM ordering_waiting WHERE scope = :scope")
+        for row in await query("SELECT * FROM {waiting} WHERE scope = :scope")
     }
     assert {name: row["state"] for name, row in waiting.items()} == {
         "waits.for.nobody": "waiting",
@@ -473,34 +483,35 @@ async def test_audit_views_answer_in_database_time(
 
     stuck = {
         row["event_name"]: row["reason"]
-        for row in await query("SELECT * FROM ordering_stuck WHERE scope = :scope")
+        for row in await query("SELECT * FROM {stuck} WHERE scope = :scope")
     }
     assert stuck == {
         "waits.for.nobody": "its leader never arrived",
         "left.behind": "its leader was handled but did not release it",
         "abandoned": "claimed by a worker that stopped before handling it",
     }
-    # ordering_stuck is what get_lost_followers() takes at the real time.
+    # The stuck view is what get_lost_followers() takes at the real time.
     ordering.clock = utc_now
     taken = await ordering.get_lost_followers()
     assert {e.event for e in taken} == set(stuck)
 
     leases = await query(
-        "SELECT state, held_by, held_seconds FROM ordering_held_leases WHERE scope = :scope "
+        "SELECT state, held_by, held_seconds FROM {held_leases} WHERE scope = :scope "
         "ORDER BY held_seconds DESC"
     )
     assert [row["state"] for row in leases] == ["expired", "live"]
     assert all(row["held_by"] for row in leases)
 
 
-#: The queries the README shows for reaching into the stored event.
+#: The queries docs/audit.md shows for reaching into the stored event (the audit
+#: view ``waiting``: ``ordering.waiting`` on PostgreSQL, ``ordering_waiting`` on SQLite).
 JSON_QUERIES = {
     "postgresql": (
-        "SELECT event->'resource'->>'prefect.resource.id' FROM ordering_waiting "
+        "SELECT event->'resource'->>'prefect.resource.id' FROM {waiting} "
         "WHERE scope = :scope AND event->>'event' = 'query.me'"
     ),
     "sqlite": (
-        "SELECT json_extract(event, '$.resource.\"prefect.resource.id\"') FROM ordering_waiting "
+        "SELECT json_extract(event, '$.resource.\"prefect.resource.id\"') FROM {waiting} "
         "WHERE scope = :scope AND json_extract(event, '$.event') = 'query.me'"
     ),
 }
@@ -512,7 +523,6 @@ async def test_event_json_can_be_queried_in_sql(
     """Into the stored event: JSONB on PostgreSQL, JSON text on SQLite."""
     event = make_event(clock, name="query.me", follows=uuid4())
     await ordering.record_follower(event)
-    async with ordering.store.engine.connect() as connection:
-        query = JSON_QUERIES[connection.dialect.name]
-        found = (await connection.execute(text(query), {"scope": ordering.scope})).scalar_one()
+    query = JSON_QUERIES[ordering.backend.dialect]
+    found = await sql_value(ordering.url, query, {"scope": ordering.scope})
     assert found == "test.resource.query.me"
