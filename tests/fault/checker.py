@@ -1,6 +1,6 @@
 """The checker: reads back what was handled and what the ordering left in its tables.
 
-Rules (issue 3):
+Rules:
 * every event was handled, by a handler call that completed;
 * no event was handled by two handler calls that completed.  Rows of interrupted
   calls (the worker was killed, or the handler failed when the database went away,
@@ -9,7 +9,7 @@ Rules (issue 3):
   cost of a crash;
 * every event was handled after its leader: every row of an event has a larger
   sequence number than the leader's completed handling;
-* nothing is left in ordering_waiting_followers or ordering_processing_leases.
+* nothing is left in the store's waiting_followers or processing_leases tables.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from uuid import UUID
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.helpers import store_object
+
 from . import handled
 
-_LEFT_BEHIND = text("""
+_LEFT_BEHIND = """
 SELECT
-    (SELECT COUNT(*) FROM ordering_waiting_followers WHERE scope = :scope),
-    (SELECT COUNT(*) FROM ordering_waiting_followers
+    (SELECT COUNT(*) FROM {waiting_followers} WHERE scope = :scope),
+    (SELECT COUNT(*) FROM {waiting_followers}
      WHERE scope = :scope AND claimed_by IS NOT NULL),
-    (SELECT COUNT(*) FROM ordering_processing_leases WHERE scope = :scope)
-""")
+    (SELECT COUNT(*) FROM {processing_leases} WHERE scope = :scope)
+"""
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,15 @@ class LeftBehind:
 
 
 async def left_behind(engine: AsyncEngine, scope: str) -> LeftBehind:
+    url = engine.url.render_as_string(hide_password=False)
+    statement = text(
+        _LEFT_BEHIND.format(
+            waiting_followers=store_object(url, "waiting_followers"),
+            processing_leases=store_object(url, "processing_leases"),
+        )
+    )
     async with engine.connect() as connection:
-        row = (await connection.execute(_LEFT_BEHIND, {"scope": scope})).one()
+        row = (await connection.execute(statement, {"scope": scope})).one()
     return LeftBehind(int(row[0]), int(row[1]), int(row[2]))
 
 

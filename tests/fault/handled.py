@@ -12,10 +12,11 @@ rows written by different processes are ordered by one sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 TABLE = "fault_handled"
 
@@ -48,6 +49,29 @@ _INSERT = text(
 _SELECT = text(f"SELECT seq, event_id, attempt, worker, depth, phase FROM {TABLE} ORDER BY seq")
 
 _COUNT_DISTINCT = text(f"SELECT COUNT(DISTINCT event_id) FROM {TABLE}")
+
+
+#: How long a statement on SQLite waits for another process's write lock.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def open_engine(url: str) -> AsyncEngine:
+    """An engine for the tests' own statements (the handler's table, the checks),
+    beside the store's connections: autocommit, and on SQLite the store's WAL mode and
+    a patient busy timeout, since worker processes write to the same file."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(
+            url, isolation_level="AUTOCOMMIT", connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}
+        )
+        event.listen(engine.sync_engine, "connect", _wal)
+        return engine
+    return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20)
+
+
+def _wal(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from sqlalchemy import Uuid, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ordering import PRECEDING_EVENT_LOOKBACK, ReceivedEvent
-from ordering.engine import create_engine
 from ordering.migrate import upgrade
+from tests.helpers import store_object
 
 from . import checker, handled
 from .workload import Workload, deliver, write_queue
@@ -45,9 +45,7 @@ SEED = int(os.environ.get("ORDERING_FAULT_SEED", "20261128"))
 #: The sweep's clock runs this far ahead: past the lookback, well inside seen expiry.
 SWEEP_CLOCK_OFFSET = PRECEDING_EVENT_LOOKBACK + timedelta(minutes=1)
 
-_SEEN = text(
-    "SELECT 1 FROM ordering_seen_events WHERE scope = :scope AND event_id = :event_id"
-).bindparams(bindparam("event_id", type_=Uuid()))
+_SEEN = "SELECT 1 FROM {seen_events} WHERE scope = :scope AND event_id = :event_id"
 
 _TERMINATE_BACKENDS = text("""
 SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -63,7 +61,7 @@ def run_sync(operation: Callable[[AsyncEngine], Awaitable[T]], url: str) -> T:
     """Run one coroutine against a short-lived engine on the database (from sync code)."""
 
     async def go() -> T:
-        engine = create_engine(url)
+        engine = handled.open_engine(url)
         try:
             return await operation(engine)
         finally:
@@ -220,10 +218,14 @@ class Harness:
         return count == len(self.workload.events)
 
     def is_seen(self, event_id: UUID) -> bool:
+        statement = text(
+            _SEEN.format(seen_events=store_object(self.url, "seen_events"))
+        ).bindparams(bindparam("event_id", type_=Uuid()))
+
         async def seen(engine: AsyncEngine) -> bool:
             async with engine.connect() as connection:
                 params = {"scope": self.scope, "event_id": event_id}
-                return (await connection.execute(_SEEN, params)).first() is not None
+                return (await connection.execute(statement, params)).first() is not None
 
         return run_sync(seen, self.url)
 

@@ -1,4 +1,5 @@
-"""Issue 3's faults, each asserting the checker's rules (see tests/fault/checker.py).
+"""Faults: concurrency, killed workers, a database cut off, two processes on one SQLite
+file; each asserting the checker's rules (see tests/fault/checker.py).
 
 Each test prints one summary line (run pytest with -s to see it).  Bigger runs by
 hand: ``ORDERING_FAULT_SCALE=10 pytest tests/fault -q -s``.
@@ -72,7 +73,7 @@ def handlings(report: Report, event: ReceivedEvent) -> list[str]:
 def test_four_workers_share_jumbled_chains_with_redeliveries(
     pg_url: str, tmp_path: Path, harnesses: list[Harness]
 ) -> None:
-    """Issue 3, fault 1: 4 processes, 200 chains of 5, 10% delivered twice at random."""
+    """4 processes, 200 chains of 5, 10% delivered twice at random."""
     count, length = scaled(200), 5
     harness = build(
         harnesses,

@@ -46,7 +46,6 @@ from ordering import (
     ReceivedEvent,
 )
 from ordering.causal import dispose_engines
-from ordering.engine import create_engine
 from ordering.models import utc_now
 
 from . import handled
@@ -313,7 +312,7 @@ async def main_async(args: argparse.Namespace) -> None:
         clock=offset_clock(args.clock_offset_seconds),
         lease_duration=timedelta(seconds=args.lease_seconds),
     )
-    engine = create_engine(args.url)
+    engine = handled.open_engine(args.url)
     faults = Faults(
         block_on=args.block_on,
         block_times=args.block_times,
