@@ -52,16 +52,17 @@ def as_uuid(value: object, name: str) -> UUID:
 
 
 def event_id(value: object, name: str = "event") -> UUID:
-    """The id of an event given as an event, a UUID or a UUID's string form."""
+    """The id of an event given as an event (checked whole, as everywhere), a UUID or a
+    UUID's string form."""
     if isinstance(value, (UUID, str)):
         return as_uuid(value, name)
-    found = getattr(value, "id", None)
-    if found is None:
+    if value is None or not hasattr(value, "id"):
         raise TypeError(
             f"{name} must be an event with an id, or an event id, "
             f"not {type(value).__name__} {value!r}"
         )
-    return as_uuid(found, f"{name}.id")
+    checked: UUID = checked_event(value, name).id
+    return checked
 
 
 def aware(value: object, name: str) -> datetime:

@@ -81,19 +81,6 @@ WRONG_EVENTS: dict[str, Callable[[MutableClock], Any]] = {
 }
 
 
-#: Methods that read nothing of an event but its id: they take an event whose
-#: datetimes are naive without a word (and the two that write keep a row of it).
-READS_ONLY_THE_ID = {
-    "event_has_been_seen",
-    "record_event_as_seen",
-    "record_event_as_processing",
-    "event_has_started_processing",
-    "forget_event_is_processing",
-    "forget_follower",
-    "get_followers",
-}
-
-
 def _names(message: str, argument: str) -> bool:
     """Whether the message starts with the argument's name (``event``, ``event.id``,
     ``follower_ids[]``, ...)."""
@@ -115,15 +102,7 @@ async def test_an_event_of_the_wrong_kind_is_refused_naming_the_argument(
     clock: MutableClock,
     method: str,
     wrong: str,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if wrong == "an event with a naive datetime" and method in READS_ONLY_THE_ID:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=f"{method} reads only the event's id and does not check its datetimes",
-            )
-        )
     call, argument = TAKES_AN_EVENT[method]
     value = WRONG_EVENTS[wrong](clock)
     await _assert_refused(ordering, call(ordering, value), argument)
