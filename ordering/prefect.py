@@ -38,7 +38,7 @@ from sqlalchemy.engine import make_url
 from . import causal, exceptions
 from .causal import EventHandler
 from .engine import URL_ENV, resolve_url, safe_url
-from .events import event_id
+from .events import as_uuid
 
 __all__ = [
     "CausalOrdering",
@@ -232,8 +232,11 @@ class CausalOrdering(causal.CausalOrdering[ReceivedEvent], prefect_ordering.Caus
         )
 
     async def event_has_been_seen(self, event: UUID | str | Event) -> bool:
-        # Prefect's signature takes any Event (or an id), not only a ReceivedEvent.
-        return await super().event_has_been_seen(event_id(event))
+        # Prefect's signature takes any Event (or an id), not only a ReceivedEvent: an
+        # Event as emitted has no ``received`` yet, so only its id is read here.
+        if isinstance(event, (UUID, str)):
+            return await super().event_has_been_seen(event)
+        return await super().event_has_been_seen(as_uuid(getattr(event, "id", None), "event.id"))
 
     async def wait_for_leader(self, event: ReceivedEvent) -> None:
         with _prefect_signals():

@@ -584,12 +584,6 @@ async def test_the_documented_reset_procedure_restores_our_schema(
     assert await _our_tables(empty_url) == OUR_TABLES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="event_has_been_seen checks an event whole since events.event_id does, and "
-    "Prefect's Event has no received: TypeError",
-)
 async def test_event_has_been_seen_takes_prefects_event_as_its_interface_says(
     triggers_scope: PrefectOrdering, clock: MutableClock
 ) -> None:
