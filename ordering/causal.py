@@ -35,7 +35,7 @@ from .backends import (
     Refused,
     backend_for,
     dispose_backends,
-    urls_opened,
+    opened,
 )
 from .constants import (
     IN_FLIGHT_EVENT_TIMEOUT,
@@ -695,9 +695,9 @@ class CausalOrdering(Generic[E]):
     async def clear_all_scopes(cls) -> None:
         """Delete every row of every scope, in each database this process opened an
         ordering on (else the default database)."""
-        urls = sorted(urls_opened()) or [resolve_url(None)]
-        for url in urls:
-            await backend_for(url).clear(scope=None)
+        stores = sorted(opened(), key=str) or [(resolve_url(None), None)]
+        for url, schema in stores:
+            await backend_for(url, schema).clear(scope=None)
 
 
 def _parked_here(early: EventArrivedEarly, parked_id: UUID) -> bool:

@@ -177,18 +177,10 @@ async def test_scopes_never_see_each_other(db_url: str, clock: MutableClock) -> 
 
 
 async def test_clear_all_scopes_reaches_an_ordering_in_a_schema_of_its_own(
-    empty_url: str, clock: MutableClock, request: pytest.FixtureRequest
+    empty_url: str, clock: MutableClock
 ) -> None:
     """An ordering configured with its own PostgreSQL schema is cleared by
     clear_all_scopes() like any other (SQLite has no schemas: the same call)."""
-    if empty_url.startswith("postgresql"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="clear_all_scopes() opens each URL with the default schema, not the "
-                "one its orderings were given: SchemaError when that one is missing",
-            )
-        )
     await asyncio.to_thread(upgrade, empty_url, schema="elsewhere")
     scope = f"s-{uuid4().hex[:8]}"
     ordering = CausalOrdering(scope, url=empty_url, clock=clock, schema="elsewhere")

@@ -52,8 +52,13 @@ def use_backend(url: str, backend: Backend, *, schema: str | None = None) -> Non
         raise RuntimeError(f"a backend for {url} was built already on this event loop")
 
 
-def urls_opened() -> set[str]:
-    return {key.split("#", 1)[0] for key in _registry.urls_opened}
+def opened() -> set[tuple[str, str | None]]:
+    """(URL, PostgreSQL schema or None) of every backend this process built."""
+    found: set[tuple[str, str | None]] = set()
+    for key in _registry.urls_opened:
+        url, _, schema = key.partition("#")
+        found.add((url, schema or None))
+    return found
 
 
 async def dispose_backends() -> None:
@@ -78,5 +83,6 @@ __all__ = [
     "StatementListener",
     "backend_for",
     "dispose_backends",
+    "opened",
     "use_backend",
 ]
