@@ -12,6 +12,7 @@ docs/deploy.md gives the procedure.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -32,7 +33,12 @@ _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 def resolve_schema(name: str | None = None) -> str:
     """The PostgreSQL schema to use: the argument, else $ORDERING_SCHEMA, else ``ordering``."""
-    chosen = name or os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA
+    return _checked_schema(name or os.environ.get(SCHEMA_ENV) or DEFAULT_SCHEMA)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_schema(chosen: str) -> str:
+    """Checked once per distinct name: an ordering may be constructed for every event."""
     if not isinstance(chosen, str) or not _IDENTIFIER.fullmatch(chosen):
         raise ValueError(
             f"schema must be a lower-case SQL identifier (letters, digits, _), not {chosen!r}"
