@@ -149,8 +149,8 @@ class PostgresBackend(Backend):
         self.connections.before_first_use = self.check_schema
         self.notifications = Notifications(self.connections.connect)
         # Concurrent consumers share round trips and commits (see batching.py).
-        self._begins = Batcher(self._begin, orphaned=self._give_back_orphan)
-        self._completions = Batcher(self._complete)
+        self._begins = Batcher(self._begin, orphaned=self._give_back_orphan, max_in_flight=2)
+        self._completions = Batcher(self._complete, max_in_flight=2)
         self._background: set[asyncio.Task[None]] = set()
 
     async def dispose(self) -> None:
