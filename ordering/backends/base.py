@@ -183,26 +183,8 @@ class Backend(abc.ABC):
 
     # leases and leaders
     @abc.abstractmethod
-    async def leader_status(
-        self, *, scope: str, leader_id: UUID, now: datetime, seen_after: datetime
-    ) -> LeaderStatus: ...
-
-    @abc.abstractmethod
-    async def seen(self, *, scope: str, event_id: UUID, seen_after: datetime) -> bool: ...
-
-    @abc.abstractmethod
-    async def record_seen(self, *, scope: str, event_id: UUID, now: datetime) -> None: ...
-
-    @abc.abstractmethod
-    async def release(self, *, scope: str, event_id: UUID, owner: str) -> None: ...
-
-    @abc.abstractmethod
     async def renew(self, *, scope: str, owner: str, expires_at: datetime) -> None:
         """Push back every lease and claim the owner holds."""
-
-    @abc.abstractmethod
-    async def mark_waiting(self, *, scope: str, leader_id: UUID, now: datetime) -> bool:
-        """Ask the leader's completion to notify; False when it holds no live lease."""
 
     @abc.abstractmethod
     def leader_waiter(
@@ -213,26 +195,69 @@ class Backend(abc.ABC):
 
     # followers
     @abc.abstractmethod
-    async def record_follower(self, row: FollowerRow) -> None: ...
-
-    @abc.abstractmethod
-    async def forget_follower(self, *, scope: str, event_id: UUID) -> None: ...
-
-    @abc.abstractmethod
-    async def followers_of(self, *, scope: str, leader_id: UUID) -> list[str]: ...
-
-    @abc.abstractmethod
-    async def followers_by_id(self, *, scope: str, ids: Sequence[UUID]) -> list[str]: ...
-
-    @abc.abstractmethod
-    async def take_lost_followers(
-        self, *, scope: str, cutoff: datetime, now: datetime
-    ) -> list[str]: ...
-
-    @abc.abstractmethod
     async def unclaim(self, *, scope: str, owner: str, ids: Sequence[UUID], now: datetime) -> None:
         """Give back claimed followers that were not handled, and their leases: their
         claims expire now, so the lost-follower sweep hands them out again."""
+
+    # -- one statement each, the same on every dialect --------------------------
+
+    @abc.abstractmethod
+    async def _fetch(self, name: str, *, idempotent: bool = True, **params: Any) -> Rows:
+        """Run the named statement of this dialect's queries.sql through the choke point."""
+
+    async def leader_status(
+        self, *, scope: str, leader_id: UUID, now: datetime, seen_after: datetime
+    ) -> LeaderStatus:
+        (row,) = await self._fetch(
+            "leader_status", scope=scope, leader_id=leader_id, now=now, seen_after=seen_after
+        )
+        return LeaderStatus(bool(row[0]), bool(row[1]))
+
+    async def seen(self, *, scope: str, event_id: UUID, seen_after: datetime) -> bool:
+        (row,) = await self._fetch("seen", scope=scope, event_id=event_id, seen_after=seen_after)
+        return bool(row[0])
+
+    async def record_seen(self, *, scope: str, event_id: UUID, now: datetime) -> None:
+        await self._fetch("record_seen", scope=scope, event_id=event_id, now=now)
+
+    async def release(self, *, scope: str, event_id: UUID, owner: str) -> None:
+        await self._fetch("release", scope=scope, event_id=event_id, owner=owner)
+
+    async def mark_waiting(self, *, scope: str, leader_id: UUID, now: datetime) -> bool:
+        """Ask the leader's completion to notify; False when it holds no live lease."""
+        return bool(await self._fetch("mark_waiting", scope=scope, leader_id=leader_id, now=now))
+
+    async def record_follower(self, row: FollowerRow) -> None:
+        await self._fetch(
+            "record_follower",
+            scope=row.scope,
+            event_id=row.event_id,
+            leader_id=row.leader_id,
+            occurred=row.occurred,
+            received=row.received,
+            event=row.event_json,
+        )
+
+    async def forget_follower(self, *, scope: str, event_id: UUID) -> None:
+        await self._fetch("forget_follower", scope=scope, event_id=event_id)
+
+    async def followers_of(self, *, scope: str, leader_id: UUID) -> list[str]:
+        rows = await self._fetch("followers_of", scope=scope, leader_id=leader_id)
+        return [row[0] for row in rows]
+
+    async def followers_by_id(self, *, scope: str, ids: Sequence[UUID]) -> list[str]:
+        if not ids:
+            return []
+        rows = await self._fetch("followers_by_id", scope=scope, ids=list(ids))
+        return [row[0] for row in rows]
+
+    async def take_lost_followers(
+        self, *, scope: str, cutoff: datetime, now: datetime
+    ) -> list[str]:
+        """Delete and return the lost followers: handed out once, so never retried
+        after the statement may have reached the database."""
+        rows = await self._fetch("take_lost", scope=scope, cutoff=cutoff, now=now, idempotent=False)
+        return [row[0] for row in rows]
 
     # housekeeping and operators
     @abc.abstractmethod

@@ -43,8 +43,6 @@ from .base import (
     Begun,
     CompleteRequest,
     Connections,
-    FollowerRow,
-    LeaderStatus,
     ParkRequest,
     Refused,
     Rows,
@@ -419,24 +417,6 @@ class SqliteBackend(Backend):
 
     # -- leases and leaders ---------------------------------------------------------
 
-    async def leader_status(
-        self, *, scope: str, leader_id: UUID, now: datetime, seen_after: datetime
-    ) -> LeaderStatus:
-        (row,) = await self._fetch(
-            "leader_status", scope=scope, leader_id=leader_id, now=now, seen_after=seen_after
-        )
-        return LeaderStatus(bool(row[0]), bool(row[1]))
-
-    async def seen(self, *, scope: str, event_id: UUID, seen_after: datetime) -> bool:
-        (row,) = await self._fetch("seen", scope=scope, event_id=event_id, seen_after=seen_after)
-        return bool(row[0])
-
-    async def record_seen(self, *, scope: str, event_id: UUID, now: datetime) -> None:
-        await self._fetch("record_seen", scope=scope, event_id=event_id, now=now)
-
-    async def release(self, *, scope: str, event_id: UUID, owner: str) -> None:
-        await self._fetch("release", scope=scope, event_id=event_id, owner=owner)
-
     async def renew(self, *, scope: str, owner: str, expires_at: datetime) -> None:
         params = {"scope": scope, "owner": owner, "expires_at": expires_at}
 
@@ -446,45 +426,12 @@ class SqliteBackend(Backend):
 
         await self._run(work, write=True)
 
-    async def mark_waiting(self, *, scope: str, leader_id: UUID, now: datetime) -> bool:
-        return bool(await self._fetch("mark_waiting", scope=scope, leader_id=leader_id, now=now))
-
     def leader_waiter(
         self, *, scope: str, leader_id: UUID, notify: bool
     ) -> AbstractAsyncContextManager[Waiter]:
         return _polling()  # SQLite cannot tell other processes: waiters poll
 
     # -- followers ------------------------------------------------------------------
-
-    async def record_follower(self, row: FollowerRow) -> None:
-        await self._fetch(
-            "record_follower",
-            scope=row.scope,
-            event_id=row.event_id,
-            leader_id=row.leader_id,
-            occurred=row.occurred,
-            received=row.received,
-            event=row.event_json,
-        )
-
-    async def forget_follower(self, *, scope: str, event_id: UUID) -> None:
-        await self._fetch("forget_follower", scope=scope, event_id=event_id)
-
-    async def followers_of(self, *, scope: str, leader_id: UUID) -> list[str]:
-        rows = await self._fetch("followers_of", scope=scope, leader_id=leader_id)
-        return [row[0] for row in rows]
-
-    async def followers_by_id(self, *, scope: str, ids: Sequence[UUID]) -> list[str]:
-        if not ids:
-            return []
-        rows = await self._fetch("followers_by_id", scope=scope, ids=list(ids))
-        return [row[0] for row in rows]
-
-    async def take_lost_followers(
-        self, *, scope: str, cutoff: datetime, now: datetime
-    ) -> list[str]:
-        rows = await self._fetch("take_lost", scope=scope, cutoff=cutoff, now=now, idempotent=False)
-        return [row[0] for row in rows]
 
     async def unclaim(self, *, scope: str, owner: str, ids: Sequence[UUID], now: datetime) -> None:
         if not ids:
