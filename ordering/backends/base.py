@@ -72,6 +72,19 @@ class BeginRequest:
     #: Refuse an event that was seen already (False: the lease is all that is asked).
     refuse_seen: bool = True
 
+    def params(self) -> dict[str, Any]:
+        """The values of the ``begin`` statement, by name."""
+        return {
+            "scope": self.scope,
+            "event_id": self.event_id,
+            "follows": self.follows,
+            "owner": self.owner,
+            "now": self.now,
+            "expires_at": self.expires_at,
+            "seen_after": self.seen_after,
+            "refuse_seen": self.refuse_seen,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Begun:
@@ -112,6 +125,19 @@ class CompleteRequest:
     claim: Claim | None
     #: Whether the event follows another (only such an event can have a follower row).
     is_follower: bool = True
+
+    def params(self) -> dict[str, Any]:
+        """The values of the ``complete`` statement, by name."""
+        claim = self.claim
+        return {
+            "scope": self.scope,
+            "event_id": self.event_id,
+            "owner": self.lease_owner,
+            "now": self.now,
+            "claim_owner": claim.owner if claim else None,
+            "claim_until": claim.until if claim else None,
+            "is_follower": self.is_follower,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -211,40 +211,19 @@ class PostgresBackend(Backend):
 
     async def _begin(self, requests: Sequence[BeginRequest]) -> list[Begun | Refused]:
         if len(requests) == 1:
-            return [await self._begin_one(requests[0])]
-        rows = await self._fetch(
-            "begin_batch",
-            scope=[r.scope for r in requests],
-            event_id=[r.event_id for r in requests],
-            follows=[r.follows for r in requests],
-            owner=[r.owner for r in requests],
-            now=[r.now for r in requests],
-            expires_at=[r.expires_at for r in requests],
-            seen_after=[r.seen_after for r in requests],
-            refuse_seen=[r.refuse_seen for r in requests],
-        )
+            rows = await self._fetch("begin", **requests[0].params())
+            return [_begun(*rows[0]) if rows else Refused.HELD_ELSEWHERE]
+        rows = await self._fetch("begin_batch", **_columns(r.params() for r in requests))
         answers: list[Begun | Refused] = [Refused.HELD_ELSEWHERE] * len(requests)
-        for item, already_seen, leader_seen, leader_in_flight in rows:
-            answers[item - 1] = (
-                Refused.ALREADY_SEEN
-                if already_seen
-                else Begun(bool(leader_seen), bool(leader_in_flight))
-            )
+        for item, *flags in rows:
+            answers[item - 1] = _begun(*flags)
         return answers
 
     async def _complete(self, requests: Sequence[CompleteRequest]) -> list[list[str]]:
         if len(requests) == 1:
-            return [await self._complete_one(requests[0])]
-        rows = await self._fetch(
-            "complete_batch",
-            scope=[r.scope for r in requests],
-            event_id=[r.event_id for r in requests],
-            owner=[r.lease_owner for r in requests],
-            now=[r.now for r in requests],
-            claim_owner=[r.claim.owner if r.claim else None for r in requests],
-            claim_until=[r.claim.until if r.claim else None for r in requests],
-            is_follower=[r.is_follower for r in requests],
-        )
+            rows = await self._fetch("complete", **requests[0].params())
+            return [[row[0] for row in rows]]
+        rows = await self._fetch("complete_batch", **_columns(r.params() for r in requests))
         answers: list[list[str]] = [[] for _ in requests]
         for item, released in rows:
             answers[item - 1].append(released)
@@ -258,39 +237,6 @@ class PostgresBackend(Backend):
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-    async def _begin_one(self, request: BeginRequest) -> Begun | Refused:
-        rows = await self._fetch(
-            "begin",
-            scope=request.scope,
-            event_id=request.event_id,
-            follows=request.follows,
-            owner=request.owner,
-            now=request.now,
-            expires_at=request.expires_at,
-            seen_after=request.seen_after,
-            refuse_seen=request.refuse_seen,
-        )
-        if not rows:
-            return Refused.HELD_ELSEWHERE
-        already_seen, leader_seen, leader_in_flight = rows[0]
-        if already_seen:
-            return Refused.ALREADY_SEEN
-        return Begun(bool(leader_seen), bool(leader_in_flight))
-
-    async def _complete_one(self, request: CompleteRequest) -> list[str]:
-        claim = request.claim
-        rows = await self._fetch(
-            "complete",
-            scope=request.scope,
-            event_id=request.event_id,
-            owner=request.lease_owner,
-            now=request.now,
-            claim_owner=claim.owner if claim else None,
-            claim_until=claim.until if claim else None,
-            is_follower=request.is_follower,
-        )
-        return [row[0] for row in rows]
 
     async def park(self, request: ParkRequest) -> bool:
         rows = await self._fetch(
@@ -332,3 +278,19 @@ class PostgresBackend(Backend):
 
     async def clear(self, *, scope: str | None) -> None:
         await self._fetch("clear", scope=scope)
+
+
+def _begun(already_seen: bool, leader_seen: bool, leader_in_flight: bool) -> Begun | Refused:
+    """What a row of begin_event_v1 (or begin_events_v1) says."""
+    if already_seen:
+        return Refused.ALREADY_SEEN
+    return Begun(bool(leader_seen), bool(leader_in_flight))
+
+
+def _columns(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Statement values for many events: each parameter an array, one element per event."""
+    columns: dict[str, list[Any]] = {}
+    for row in rows:
+        for name, value in row.items():
+            columns.setdefault(name, []).append(value)
+    return columns

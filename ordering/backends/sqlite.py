@@ -329,32 +329,18 @@ class SqliteBackend(Backend):
     # -- the hot path ---------------------------------------------------------------
 
     async def begin(self, request: BeginRequest) -> Begun | Refused:
-        params = {
-            "scope": request.scope,
-            "event_id": request.event_id,
-            "follows": request.follows,
-            "owner": request.owner,
-            "now": request.now,
-            "expires_at": request.expires_at,
-            "seen_after": request.seen_after,
-            "refuse_seen": request.refuse_seen,
-        }
+        params = request.params()
 
         def work(execute: Execute) -> Begun | Refused:
             rows = execute("begin", params)
             if rows:
                 return Begun(bool(rows[0][0]), bool(rows[0][1]))
-            if (
-                request.refuse_seen
-                and execute(
-                    "begin_refused",
-                    {
-                        "scope": request.scope,
-                        "event_id": request.event_id,
-                        "seen_after": request.seen_after,
-                    },
-                )[0][0]
-            ):
+            seen = {
+                "scope": request.scope,
+                "event_id": request.event_id,
+                "seen_after": request.seen_after,
+            }
+            if request.refuse_seen and execute("seen", seen)[0][0]:
                 return Refused.ALREADY_SEEN
             return Refused.HELD_ELSEWHERE
 

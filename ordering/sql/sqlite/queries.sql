@@ -10,7 +10,7 @@
 -- name: begin(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
 -- Take the lease unless the event was seen already (SQLite serializes writers, so
 -- checking first is safe here) and look at the leader in the same statement.  No row:
--- someone else holds a live lease, or the event was seen (begin_refused tells which).
+-- someone else holds a live lease, or the event was seen (the seen statement tells which).
 INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
 SELECT ?1, ?2, ?4, ?5, ?6
 WHERE NOT (?8 AND {seen(?1, ?2, ?7)})
@@ -19,9 +19,6 @@ SET owner = excluded.owner, acquired_at = excluded.acquired_at, expires_at = exc
     has_waiters = 0
 WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
 RETURNING {seen(?1, ?3, ?7)}, {in_flight(?1, ?3, ?5)}
-
--- name: begin_refused(scope, event_id, seen_after)
-SELECT {seen(?1, ?2, ?3)}
 
 -- name: claim(scope, event_id, now, claim_owner, claim_until)
 -- complete's last step: claim the followers that waited for the event, unless a
