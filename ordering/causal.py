@@ -577,16 +577,10 @@ class CausalOrdering(Generic[E]):
             begun = await self._take_lease(backend, event, owner, now, leader)
             leader_seen, leader_in_flight = begun.leader_seen, begun.leader_in_flight
         else:
+            # Released by its leader's completion, which marked the leader seen in the
+            # same transaction: nothing to look up.
             owner = held.owner
             leader_seen, leader_in_flight = True, False
-            if leader is not None:
-                status = await backend.leader_status(
-                    scope=self.scope,
-                    leader_id=leader,
-                    now=now,
-                    seen_after=now - self.seen_expiration,
-                )
-                leader_seen, leader_in_flight = status.seen, status.in_flight
 
         released: list[str] = []
         claim: Claim | None = None
