@@ -445,7 +445,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 )
                 return EXIT_FAILURE
             source.seek(0)
-        _run(admin.open_store(args.url))  # a database that is not ready fails before --out is made
+        _run(
+            admin.open_backend(args.url)
+        )  # a database that is not ready fails before --out is made
         out: TextIO = (
             stack.enter_context(open(args.out, "w", encoding="utf-8")) if args.out else sys.stdout
         )

@@ -10,7 +10,7 @@ Every function takes ``now`` (default: the wall clock) because the store's notio
 time is the clock its orderings were given: tests and investigations pass their own.
 """
 
-from .database import SchemaState, open_backend, open_store, schema_state
+from .database import SchemaState, open_backend, schema_state
 from .followers import WaitingFollower, list_followers
 from .prune import DEFAULT_BATCH_SIZE, PruneResult, prune
 from .replay import (
@@ -40,7 +40,6 @@ __all__ = [
     "check_lines",
     "list_followers",
     "open_backend",
-    "open_store",
     "parse_line",
     "prune",
     "replay",

@@ -54,10 +54,6 @@ def _unreachable(url: str, exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"cannot open the database {safe_url(url)}: {reason}")
 
 
-#: The name this package had for it before the backends.
-open_store = open_backend
-
-
 @dataclass(frozen=True)
 class SchemaState:
     """Where the database's schema is, against the migrations this code ships."""
