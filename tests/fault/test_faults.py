@@ -230,8 +230,8 @@ def test_a_follower_whose_handler_failed_is_retried_before_the_lookback(
 @pytest.mark.xfail(
     strict=True,
     reason="by design, as Prefect's interface specifies: get_lost_followers removes the "
-    "followers it hands out, so a worker killed while handling one loses it (README, "
-    "Guarantees)",
+    "followers it hands out, so a worker killed while handling one loses it "
+    "(docs/guarantees.md)",
 )
 def test_a_worker_killed_while_handling_a_lost_follower(
     pg_url: str, tmp_path: Path, harnesses: list[Harness]
