@@ -9,8 +9,18 @@ from collections.abc import Sequence
 from datetime import timedelta
 from uuid import UUID, uuid4
 
+import pytest
+
 from ordering import StoreUnavailable
-from ordering.backends import BeginRequest, Begun, Claim, CompleteRequest, backend_for
+from ordering.backends import (
+    BeginRequest,
+    Begun,
+    Claim,
+    CompleteRequest,
+    ParkRequest,
+    backend_for,
+)
+from ordering.backends.base import Rows
 from ordering.backends.batching import Batcher
 
 from .helpers import MutableClock, eventually, statements_of
@@ -167,3 +177,151 @@ async def test_postgresql_begins_at_once_share_round_trips_and_one_wins_each_eve
     )
     assert all(seen)
     await backend.clear(scope=scope)
+
+
+@pytest.mark.parametrize("padding", [0, 8], ids=["small", "large"])
+async def test_postgresql_set_based_batches_answer_what_the_per_event_forms_answer(
+    postgres_url: str, clock: MutableClock, padding: int
+) -> None:
+    """The same batches, on the same rows, through ``begin_events_v1`` and
+    ``complete_events_v1`` (a function call per event, kept for the previous release's
+    workers) and through the ``_v2`` forms this code calls (a few statements for the
+    lot, from 8 events on): the same answers and the same rows afterwards.  Padded
+    with independent events, both batches are set-based; unpadded, the completions
+    are few enough to go one call per event."""
+    backend = backend_for(postgres_url)
+    now = clock()
+    later = now + timedelta(minutes=1)
+    seen_after = now - timedelta(minutes=30)
+    padded = [f"P{n}" for n in range(padding)]
+    fresh = [f"{name}-new" for name in padded]
+    core = ["A", "B", "C", "D", "E", "F", "G", "H", "X", "Y", "Z", "W", "F1", "F2", "F3", "F4"]
+    ids = {name: uuid4() for name in [*core, *padded, *fresh]}
+
+    def begin(scope: str, name: str, owner: str, follows: str | None = None) -> BeginRequest:
+        return BeginRequest(
+            scope=scope,
+            event_id=ids[name],
+            follows=ids[follows] if follows else None,
+            owner=owner,
+            now=now,
+            expires_at=later,
+            seen_after=seen_after,
+        )
+
+    def complete(scope: str, name: str, owner: str, claim: str | None) -> CompleteRequest:
+        return CompleteRequest(
+            scope=scope,
+            event_id=ids[name],
+            lease_owner=owner,
+            now=now,
+            claim=Claim(owner=claim, until=later) if claim else None,
+            is_follower=name == "W",
+        )
+
+    async def fetch(statement: str, *args: object) -> Rows:
+        return await backend.connections.run(lambda c: c.fetch(statement, *args))
+
+    async def prepare(scope: str) -> None:
+        """A seen, B leased live by someone else, C leased but expired; followers F1
+        and F2 parked on X, F3 on Y, F4 on Z and claimed live by someone else; W
+        parked on A's predecessor and now leased to complete."""
+        leased = [("A", "a"), ("X", "o"), ("Y", "o"), ("Z", "o"), ("W", "o")]
+        for name, owner in leased + [(name, "o") for name in padded]:
+            assert await backend.begin(begin(scope, name, owner)) == Begun(False, False)
+        assert await backend.complete(complete(scope, "A", "a", None)) == []
+        assert await backend.begin(begin(scope, "B", "other")) == Begun(False, False)
+        stale = BeginRequest(
+            scope=scope,
+            event_id=ids["C"],
+            follows=None,
+            owner="other",
+            now=now - timedelta(minutes=5),
+            expires_at=now - timedelta(minutes=4),
+            seen_after=seen_after,
+        )
+        assert await backend.begin(stale) == Begun(False, False)
+        for follower, leader in (("F1", "X"), ("F2", "X"), ("F3", "Y"), ("F4", "Z"), ("W", "H")):
+            parked = ParkRequest(
+                scope=scope,
+                event_id=ids[follower],
+                leader_id=ids[leader],
+                occurred=now,
+                received=now,
+                event_json=f'{{"id": "{ids[follower]}", "name": "{follower}"}}',
+                lease_owner=None,
+                seen_after=seen_after,
+            )
+            assert await backend.park(parked)
+        await fetch(
+            "UPDATE waiting_followers SET claimed_by = 'someone', claimed_until = $3 "
+            "WHERE scope = $1 AND follower_id = $2",
+            scope,
+            ids["F4"],
+            later,
+        )
+
+    async def batch(function: str, requests: Sequence[BeginRequest | CompleteRequest]) -> Rows:
+        columns: dict[str, list[object]] = {}
+        for request in requests:
+            for name, value in request.params().items():
+                columns.setdefault(name, []).append(value)
+        holes = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+        return await fetch(f"SELECT * FROM {function}({holes})", *columns.values())
+
+    async def rows(scope: str) -> list[tuple[object, ...]]:
+        found = []
+        for table, columns in (
+            ("seen_events", "event_id, seen_at"),
+            ("processing_leases", "event_id, owner, expires_at, has_waiters"),
+            ("waiting_followers", "follower_id, leader_id, claimed_by, claimed_until"),
+        ):
+            statement = f"SELECT {columns} FROM {table} WHERE scope = $1 ORDER BY 1, 2"
+            found += [(table, *row) for row in await fetch(statement, scope)]
+        return found
+
+    outcomes = []
+    for version in ("v1", "v2"):
+        scope = f"batch-{version}-{uuid4().hex[:8]}"
+        await prepare(scope)
+        begun = await batch(
+            f"begin_events_{version}",
+            [
+                begin(scope, "A", "n"),  # seen already: refused, no lease left behind
+                begin(scope, "B", "n"),  # held elsewhere
+                begin(scope, "C", "n"),  # an expired lease: taken over
+                begin(scope, "D", "n", follows="A"),  # its leader seen
+                begin(scope, "E", "n", follows="B"),  # its leader in flight
+                begin(scope, "F", "n", follows="G"),  # its leader unknown
+                begin(scope, "D", "m", follows="A"),  # twice in one batch: held
+                begin(scope, "H", "n", follows="C"),  # its leader leased in this batch
+                *(begin(scope, name, "n") for name in fresh),
+            ],
+        )
+        completed = await batch(
+            f"complete_events_{version}",
+            [
+                complete(scope, "X", "o", "c1"),  # releases F1 and F2
+                complete(scope, "Y", "o", None),  # no claim: F3 stays parked
+                complete(scope, "Z", "o", "c3"),  # F4 is claimed by someone else
+                complete(scope, "W", "o", "c4"),  # a follower: its own row goes
+                *(complete(scope, name, "o", "c5") for name in padded),
+            ],
+        )
+        released = sorted((item, event) for item, event in completed)
+        outcomes.append((sorted(tuple(r) for r in begun), released, await rows(scope)))
+        await backend.clear(scope=scope)
+
+    (begun_v1, released_v1, rows_v1), (begun_v2, released_v2, rows_v2) = outcomes
+    assert begun_v2 == begun_v1
+    assert begun_v1 == [
+        (1, True, False, False),
+        (3, False, False, False),
+        (4, False, True, False),
+        (5, False, False, True),
+        (6, False, False, False),
+        (8, False, False, True),
+    ] + [(9 + n, False, False, False) for n in range(padding)]
+    assert released_v2 == released_v1
+    assert [(item, '"F1"' in e or '"F2"' in e) for item, e in released_v1] == [(1, True)] * 2
+    assert rows_v2 == rows_v1

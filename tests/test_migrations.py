@@ -720,6 +720,8 @@ def test_store_on_a_newer_compatible_database_works(empty_url: str) -> None:
                 "CREATE FUNCTION begin_event_v1(",
                 "CREATE FUNCTION complete_event_v1(",
                 "CREATE FUNCTION park_follower_v1(",
+                "CREATE FUNCTION begin_events_v2(",
+                "CREATE FUNCTION complete_events_v2(",
                 "CREATE VIEW waiting AS",
                 "CREATE VIEW stuck AS",
                 "CREATE VIEW held_leases AS",

@@ -72,8 +72,9 @@ RENAMED_INDEXES = (
 )
 
 
-def _snapshot(dialect: str) -> list[str]:
-    text = (SNAPSHOTS / f"0003_{dialect}.sql").read_text("utf-8")
+def _snapshot(dialect: str, revision: str = "0003") -> list[str]:
+    """The statements of a revision's snapshot file (later revisions read theirs here)."""
+    text = (SNAPSHOTS / f"{revision}_{dialect}.sql").read_text("utf-8")
     found: list[str] = []
     current: list[str] = []
     in_body = False

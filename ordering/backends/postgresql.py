@@ -3,8 +3,8 @@
 Each operation is one statement, so one round trip and one transaction; the three of
 the hot path call the functions of schema.sql (``begin_event_v1``,
 ``complete_event_v1``, ``park_follower_v1``).  Concurrent calls of ``begin`` and
-``complete`` share one round trip and one commit (``begin_events_v1``,
-``complete_events_v1``; see batching.py).  Statements go through asyncpg's own
+``complete`` share one round trip and one commit (``begin_events_v2``,
+``complete_events_v2``; see batching.py).  Statements go through asyncpg's own
 prepared-statement cache.  Every connection's search_path is the store's schema, so
 neither the SQL files nor the functions name it.
 
@@ -281,7 +281,7 @@ class PostgresBackend(Backend):
 
 
 def _begun(already_seen: bool, leader_seen: bool, leader_in_flight: bool) -> Begun | Refused:
-    """What a row of begin_event_v1 (or begin_events_v1) says."""
+    """What a row of begin_event_v1 (or begin_events_v2) says."""
     if already_seen:
         return Refused.ALREADY_SEEN
     return Begun(bool(leader_seen), bool(leader_in_flight))

@@ -14,10 +14,10 @@ SELECT released_event FROM complete_event_v1($1, $2, $3, $4, $5, $6, $7)
 -- name: begin_batch(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
 -- begin for many events: each parameter an array, one element per event.
 SELECT item, already_seen, leader_seen, leader_in_flight
-FROM begin_events_v1($1, $2, $3, $4, $5, $6, $7, $8)
+FROM begin_events_v2($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: complete_batch(scope, event_id, owner, now, claim_owner, claim_until, is_follower)
-SELECT item, released_event FROM complete_events_v1($1, $2, $3, $4, $5, $6, $7)
+SELECT item, released_event FROM complete_events_v2($1, $2, $3, $4, $5, $6, $7)
 
 -- name: park(scope, event_id, leader_id, occurred, received, event, owner, seen_after)
 SELECT park_follower_v1($1, $2, $3, $4, $5, $6::jsonb, $7, $8)

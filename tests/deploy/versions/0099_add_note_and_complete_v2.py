@@ -2,16 +2,16 @@
 
 Adds a nullable ``note`` column to the seen-events table and, on PostgreSQL,
 ``complete_event_v2``: ``complete_event_v1`` with a last argument, ``p_note``, written
-to the seen row.  Nothing the code of revision 0003 uses changes, so
-``code_compatibility`` keeps serving 0003: workers of both releases run side by side
-on a database at this revision.
+to the seen row.  Nothing the code of revision 0004 uses changes, so
+``code_compatibility`` is left alone: workers of both releases run side by side on a
+database at this revision.
 
 The function body is a copy of ``complete_event_v1`` as revision 0003 defines it (its
 rules written out), frozen here as a migration must be: a later change to
 schema.sql must not change what this revision builds.
 
 Revision ID: 0099
-Revises: 0003
+Revises: 0004
 """
 
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0099"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
