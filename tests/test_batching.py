@@ -1,6 +1,7 @@
-"""Concurrent calls share round trips: the Batcher on its own, and PostgreSQL's begin and
-complete under many consumers at once (SQLite runs each call to the end on the loop, so
-nothing there is ever batched)."""
+"""Concurrent calls share round trips and commits: the Batcher on its own, completions
+under many consumers at once on both dialects, and PostgreSQL's begins and its
+set-based batch forms.  (SQLite's begins are not shared: one is a single statement,
+run to the end on the loop.)"""
 
 from __future__ import annotations
 
@@ -120,6 +121,68 @@ async def test_a_cancelled_caller_is_not_sent_and_an_orphaned_answer_is_handed_b
     await eventually(lambda: bool(orphans), what="the orphaned answer handed back")
     assert orphans == [(7, 14)]
     assert in_flight.cancelled()
+
+
+async def test_completions_at_once_share_commits_and_each_gets_its_own_followers(
+    db_url: str, clock: MutableClock
+) -> None:
+    backend = backend_for(db_url)
+    scope = f"batch-{uuid4().hex[:8]}"
+    now = clock()
+    later = now + timedelta(minutes=1)
+    seen_after = now - timedelta(minutes=30)
+    leaders = [uuid4() for _ in range(20)]
+    followers = {leaders[n]: uuid4() for n in (2, 7, 11)}
+    for leader in leaders:
+        taken = await backend.begin(
+            BeginRequest(
+                scope=scope,
+                event_id=leader,
+                follows=None,
+                owner="o",
+                now=now,
+                expires_at=later,
+                seen_after=seen_after,
+            )
+        )
+        assert taken == Begun(False, False)
+    for leader, follower in followers.items():
+        parked = ParkRequest(
+            scope=scope,
+            event_id=follower,
+            leader_id=leader,
+            occurred=now,
+            received=now,
+            event_json=f'{{"id": "{follower}"}}',
+            lease_owner=None,
+            seen_after=seen_after,
+        )
+        assert await backend.park(parked)
+
+    with statements_of(backend) as log:
+        released = await asyncio.gather(
+            *(
+                backend.complete(
+                    CompleteRequest(
+                        scope=scope,
+                        event_id=leader,
+                        lease_owner="o",
+                        now=now,
+                        claim=Claim(owner=f"claim-{n}", until=later),
+                        is_follower=False,
+                    )
+                )
+                for n, leader in enumerate(leaders)
+            )
+        )
+
+    transactions = log.count("commit") + log.count("complete") + log.count("complete_batch")
+    assert 1 < transactions < len(leaders), log.names
+    for leader, answer in zip(leaders, released, strict=True):
+        assert answer == ([f'{{"id": "{followers[leader]}"}}'] if leader in followers else [])
+    seen = [await backend.seen(scope=scope, event_id=e, seen_after=seen_after) for e in leaders]
+    assert seen == [True] * len(leaders)
+    await backend.clear(scope=scope)
 
 
 async def test_postgresql_begins_at_once_share_round_trips_and_one_wins_each_event(

@@ -14,6 +14,10 @@ which waits out the lock (the busy timeout) without blocking the loop.  WAL
 checkpoints run in a worker thread too: the store's connections turn SQLite's
 automatic checkpoint off, as it would run (and fsync) inside a commit on the loop.
 
+Several consumers on one loop: a write yields to the loop once it has committed, and the
+completions that other consumers ask for meanwhile are written together, in one
+transaction, when it returns (see batching.py).
+
 Storage: ids are 32 hex digits and times fixed-width UTC text (``YYYY-MM-DD
 HH:MM:SS.ffffff``, so that text order is time order), the layout the tables were
 created with; ``_encode`` and ``_DECODERS`` are the one place that knows it.
@@ -49,6 +53,7 @@ from .base import (
     StatementListener,
     check_schema_rows,
 )
+from .batching import Batcher
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +123,9 @@ class _Statements:
         self.wrote = False
 
     def _send(self, name: str, text: str, args: Sequence[Any]) -> list[Any]:
-        for listener in self._backend.listeners:
-            listener(name, text)
+        if self._backend.listeners:
+            for listener in self._backend.listeners:
+                listener(name, text)
         return self._connection.execute(text, args).fetchall()
 
     def __call__(self, name: str, params: dict[str, Any]) -> list[Any]:
@@ -218,6 +224,9 @@ class SqliteBackend(Backend):
         )
         self._writes = 0
         self._checkpointing: asyncio.Task[None] | None = None
+        # Completions asked for while another one yields to the loop share the next
+        # transaction (see batching.py and _run).
+        self._completions = Batcher(self._complete)
 
     async def dispose(self) -> None:
         if self._checkpointing is not None:
@@ -347,29 +356,13 @@ class SqliteBackend(Backend):
         return await self._run(work)
 
     async def complete(self, request: CompleteRequest) -> list[str]:
-        scope, event_id, now, claim = request.scope, request.event_id, request.now, request.claim
+        return await self._completions.submit(request)
 
-        def work(execute: Execute) -> list[str]:
-            execute("record_seen", {"scope": scope, "event_id": event_id, "now": now})
-            if request.lease_owner is not None:
-                execute(
-                    "release", {"scope": scope, "event_id": event_id, "owner": request.lease_owner}
-                )
-            if request.is_follower:
-                execute("forget_follower", {"scope": scope, "event_id": event_id})
-            if claim is None:
-                return []
-            params = {
-                "scope": scope,
-                "event_id": event_id,
-                "now": now,
-                "claim_owner": claim.owner,
-                "claim_until": claim.until,
-            }
-            claimed = [row[0] for row in execute("claim", params)]
-            if claimed:
-                execute("lease_claimed", params)
-            return claimed
+    async def _complete(self, requests: Sequence[CompleteRequest]) -> list[list[str]]:
+        """Complete each request, all in one transaction."""
+
+        def work(execute: Execute) -> list[list[str]]:
+            return [_complete_one(execute, request) for request in requests]
 
         return await self._run(work, write=True)
 
@@ -438,6 +431,26 @@ class SqliteBackend(Backend):
                 execute(name, {"scope": scope})
 
         await self._run(work, write=True)
+
+
+def _complete_one(execute: Execute, request: CompleteRequest) -> list[str]:
+    """Complete's statements for one event (the caller holds the transaction)."""
+    # The values its statements share, stored once.
+    scope, event_id, now = request.scope, _encode(request.event_id), _encode(request.now)
+    claim, owner = request.claim, request.lease_owner
+    event = {"scope": scope, "event_id": event_id}
+    execute("record_seen", {**event, "now": now})
+    if owner is not None:
+        execute("release", {**event, "owner": owner})
+    if request.is_follower:
+        execute("forget_follower", event)
+    if claim is None:
+        return []
+    params = {**event, "now": now, "claim_owner": claim.owner, "claim_until": claim.until}
+    claimed = [row[0] for row in execute("claim", params)]
+    if claimed:
+        execute("lease_claimed", params)
+    return claimed
 
 
 @asynccontextmanager
