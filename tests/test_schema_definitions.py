@@ -274,3 +274,58 @@ def test_the_comparison_sees_a_changed_body(empty_url: str, second_url: str) -> 
     differences = _differences(_dump(empty_url), _dump(second_url))
     changed = [line for line in differences.splitlines() if line.startswith("+") and shown in line]
     assert changed, differences
+
+
+#: The lookups of waiting followers by follower and by leader, in the shapes schema.sql's
+#: functions and queries.sql run them (park and complete by follower; complete's claim
+#: and get_followers by leader), and the index each must use.
+FOLLOWER_LOOKUPS = {
+    "DELETE FROM waiting_followers f WHERE f.scope = $1 AND f.follower_id = $2": (
+        "pk_waiting_followers"
+    ),
+    "UPDATE waiting_followers f SET claimed_by = $3, claimed_until = $4 "
+    "WHERE f.scope = $1 AND f.leader_id = $2 "
+    "AND (f.claimed_until IS NULL OR f.claimed_until <= $4 OR f.claimed_by = $3)": (
+        "ix_waiting_followers_by_leader"
+    ),
+    "SELECT event::text FROM waiting_followers WHERE scope = $1 AND leader_id = $2 "
+    "ORDER BY occurred, received, follower_id": "ix_waiting_followers_by_leader",
+}
+
+
+def test_postgresql_follower_lookups_use_their_indexes_without_statistics() -> None:
+    """A scope with many waiting followers, on a table never analyzed (a new database,
+    or one autovacuum has not reached yet): the generic plans PL/pgSQL caches must
+    still find a follower by its key and a leader's followers by the leader, not read
+    the whole scope through another index."""
+    url = fresh_postgres_database("ordering_plans")
+    _migrated(url)
+
+    async def plans() -> dict[str, str]:
+        connection = await asyncpg.connect(_dsn(url))
+        try:
+            await connection.execute(f"SET search_path = {DEFAULT_SCHEMA}")
+            await connection.execute(
+                "INSERT INTO waiting_followers "
+                "(scope, follower_id, leader_id, occurred, received, event) "
+                "SELECT 's', gen_random_uuid(), gen_random_uuid(), now(), now(), '{}' "
+                "FROM generate_series(1, 2000)"
+            )
+            await connection.execute("SET plan_cache_mode = force_generic_plan")
+            found = {}
+            for n, statement in enumerate(FOLLOWER_LOOKUPS):
+                await connection.execute(f"PREPARE lookup_{n} AS {statement}")
+                holes = max(int(n) for n in re.findall(r"\$(\d+)", statement))
+                params = ", ".join("NULL" for _ in range(holes))
+                rows = await connection.fetch(f"EXPLAIN EXECUTE lookup_{n}({params})")
+                found[statement] = "\n".join(row[0] for row in rows)
+            return found
+        finally:
+            await connection.close()
+
+    try:
+        found = asyncio.run(plans())
+    finally:
+        drop_postgres_database(url)
+    for statement, plan in found.items():
+        assert f"using {FOLLOWER_LOOKUPS[statement]}" in plan.lower(), (statement, plan)

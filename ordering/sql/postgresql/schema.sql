@@ -34,14 +34,23 @@ CREATE TABLE waiting_followers (
     event jsonb NOT NULL,
     claimed_by character varying(200),
     claimed_until timestamp with time zone,
-    CONSTRAINT pk_waiting_followers PRIMARY KEY (scope, follower_id),
+    CONSTRAINT pk_waiting_followers PRIMARY KEY (follower_id, scope),
     CONSTRAINT ck_waiting_followers_claim_has_owner_and_expiry
         CHECK ((claimed_by IS NULL) = (claimed_until IS NULL)),
     CONSTRAINT ck_waiting_followers_does_not_follow_itself CHECK (follower_id <> leader_id)
 );
+-- Each lookup of the hot path has one index led by the column it looks up: a follower by
+-- its id (the primary key), a leader's followers by the leader.  Were both led by scope,
+-- a planner without statistics (a new table, or one autovacuum has not reached yet)
+-- could take either for either lookup, and read every follower of the scope for each.
 CREATE INDEX ix_waiting_followers_by_leader
-    ON waiting_followers (scope, leader_id, occurred, received, follower_id);
-CREATE INDEX ix_waiting_followers_by_received ON waiting_followers (scope, received);
+    ON waiting_followers (leader_id, scope, occurred, received, follower_id);
+-- What get_lost_followers looks for: unclaimed followers by when they came, claimed ones
+-- by when their claim ends.  Partial, so that no other lookup can take them.
+CREATE INDEX ix_waiting_followers_unclaimed
+    ON waiting_followers (scope, received) WHERE claimed_until IS NULL;
+CREATE INDEX ix_waiting_followers_claimed
+    ON waiting_followers (scope, claimed_until) WHERE claimed_until IS NOT NULL;
 
 -- The oldest code revision this database still serves: a migration that only adds
 -- leaves it alone, one that removes what older code needs moves it up.

@@ -2,7 +2,7 @@
 
 Adds a nullable ``note`` column to the seen-events table and, on PostgreSQL,
 ``complete_event_v2``: ``complete_event_v1`` with a last argument, ``p_note``, written
-to the seen row.  Nothing the code of revision 0004 uses changes, so
+to the seen row.  Nothing the code of revision 0005 uses changes, so
 ``code_compatibility`` is left alone: workers of both releases run side by side on a
 database at this revision.
 
@@ -11,7 +11,7 @@ rules written out), frozen here as a migration must be: a later change to
 schema.sql must not change what this revision builds.
 
 Revision ID: 0099
-Revises: 0004
+Revises: 0005
 """
 
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0099"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
