@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID, uuid4
 
 import pytest
@@ -23,6 +23,7 @@ from ordering.backends import (
 )
 from ordering.backends.base import Rows
 from ordering.backends.batching import Batcher
+from ordering.backends.postgresql import _columns
 
 from .helpers import MutableClock, eventually, statements_of
 
@@ -123,6 +124,35 @@ async def test_a_cancelled_caller_is_not_sent_and_an_orphaned_answer_is_handed_b
     assert in_flight.cancelled()
 
 
+def _lease(
+    scope: str, event_id: UUID, owner: str, now: datetime, *, follows: UUID | None = None
+) -> BeginRequest:
+    """Take a one-minute lease at ``now``; seen counts for 30 minutes."""
+    return BeginRequest(
+        scope=scope,
+        event_id=event_id,
+        follows=follows,
+        owner=owner,
+        now=now,
+        expires_at=now + timedelta(minutes=1),
+        seen_after=now - timedelta(minutes=30),
+    )
+
+
+def _parked(scope: str, follower: UUID, leader: UUID, now: datetime, event: str) -> ParkRequest:
+    """Park ``follower`` on ``leader``, keeping whatever lease it holds."""
+    return ParkRequest(
+        scope=scope,
+        event_id=follower,
+        leader_id=leader,
+        occurred=now,
+        received=now,
+        event_json=event,
+        lease_owner=None,
+        seen_after=now - timedelta(minutes=30),
+    )
+
+
 async def test_completions_at_once_share_commits_and_each_gets_its_own_followers(
     db_url: str, clock: MutableClock
 ) -> None:
@@ -134,30 +164,9 @@ async def test_completions_at_once_share_commits_and_each_gets_its_own_followers
     leaders = [uuid4() for _ in range(20)]
     followers = {leaders[n]: uuid4() for n in (2, 7, 11)}
     for leader in leaders:
-        taken = await backend.begin(
-            BeginRequest(
-                scope=scope,
-                event_id=leader,
-                follows=None,
-                owner="o",
-                now=now,
-                expires_at=later,
-                seen_after=seen_after,
-            )
-        )
-        assert taken == Begun(False, False)
+        assert await backend.begin(_lease(scope, leader, "o", now)) == Begun(False, False)
     for leader, follower in followers.items():
-        parked = ParkRequest(
-            scope=scope,
-            event_id=follower,
-            leader_id=leader,
-            occurred=now,
-            received=now,
-            event_json=f'{{"id": "{follower}"}}',
-            lease_owner=None,
-            seen_after=seen_after,
-        )
-        assert await backend.park(parked)
+        assert await backend.park(_parked(scope, follower, leader, now, f'{{"id": "{follower}"}}'))
 
     with statements_of(backend) as log:
         released = await asyncio.gather(
@@ -195,15 +204,7 @@ async def test_postgresql_begins_at_once_share_round_trips_and_one_wins_each_eve
     others = [uuid4() for _ in range(30)]
 
     def begin(event_id: UUID, owner: str) -> BeginRequest:
-        return BeginRequest(
-            scope=scope,
-            event_id=event_id,
-            follows=None,
-            owner=owner,
-            now=now,
-            expires_at=now + timedelta(minutes=1),
-            seen_after=now - timedelta(minutes=30),
-        )
+        return _lease(scope, event_id, owner, now)
 
     with statements_of(backend) as log:
         answers = await asyncio.gather(
@@ -255,22 +256,13 @@ async def test_postgresql_set_based_batches_answer_what_the_per_event_forms_answ
     backend = backend_for(postgres_url)
     now = clock()
     later = now + timedelta(minutes=1)
-    seen_after = now - timedelta(minutes=30)
     padded = [f"P{n}" for n in range(padding)]
     fresh = [f"{name}-new" for name in padded]
     core = ["A", "B", "C", "D", "E", "F", "G", "H", "X", "Y", "Z", "W", "F1", "F2", "F3", "F4"]
     ids = {name: uuid4() for name in [*core, *padded, *fresh]}
 
     def begin(scope: str, name: str, owner: str, follows: str | None = None) -> BeginRequest:
-        return BeginRequest(
-            scope=scope,
-            event_id=ids[name],
-            follows=ids[follows] if follows else None,
-            owner=owner,
-            now=now,
-            expires_at=later,
-            seen_after=seen_after,
-        )
+        return _lease(scope, ids[name], owner, now, follows=ids[follows] if follows else None)
 
     def complete(scope: str, name: str, owner: str, claim: str | None) -> CompleteRequest:
         return CompleteRequest(
@@ -287,35 +279,18 @@ async def test_postgresql_set_based_batches_answer_what_the_per_event_forms_answ
 
     async def prepare(scope: str) -> None:
         """A seen, B leased live by someone else, C leased but expired; followers F1
-        and F2 parked on X, F3 on Y, F4 on Z and claimed live by someone else; W
-        parked on A's predecessor and now leased to complete."""
+        and F2 parked on X, F3 on Y, F4 on Z and claimed live by someone else; W, a
+        follower of H, parked and leased again to complete."""
         leased = [("A", "a"), ("X", "o"), ("Y", "o"), ("Z", "o"), ("W", "o")]
         for name, owner in leased + [(name, "o") for name in padded]:
             assert await backend.begin(begin(scope, name, owner)) == Begun(False, False)
         assert await backend.complete(complete(scope, "A", "a", None)) == []
         assert await backend.begin(begin(scope, "B", "other")) == Begun(False, False)
-        stale = BeginRequest(
-            scope=scope,
-            event_id=ids["C"],
-            follows=None,
-            owner="other",
-            now=now - timedelta(minutes=5),
-            expires_at=now - timedelta(minutes=4),
-            seen_after=seen_after,
-        )
+        stale = _lease(scope, ids["C"], "other", now - timedelta(minutes=5))  # expired
         assert await backend.begin(stale) == Begun(False, False)
         for follower, leader in (("F1", "X"), ("F2", "X"), ("F3", "Y"), ("F4", "Z"), ("W", "H")):
-            parked = ParkRequest(
-                scope=scope,
-                event_id=ids[follower],
-                leader_id=ids[leader],
-                occurred=now,
-                received=now,
-                event_json=f'{{"id": "{ids[follower]}", "name": "{follower}"}}',
-                lease_owner=None,
-                seen_after=seen_after,
-            )
-            assert await backend.park(parked)
+            event = f'{{"id": "{ids[follower]}", "name": "{follower}"}}'
+            assert await backend.park(_parked(scope, ids[follower], ids[leader], now, event))
         await fetch(
             "UPDATE waiting_followers SET claimed_by = 'someone', claimed_until = $3 "
             "WHERE scope = $1 AND follower_id = $2",
@@ -325,10 +300,7 @@ async def test_postgresql_set_based_batches_answer_what_the_per_event_forms_answ
         )
 
     async def batch(function: str, requests: Sequence[BeginRequest | CompleteRequest]) -> Rows:
-        columns: dict[str, list[object]] = {}
-        for request in requests:
-            for name, value in request.params().items():
-                columns.setdefault(name, []).append(value)
+        columns = _columns(request.params() for request in requests)
         holes = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
         return await fetch(f"SELECT * FROM {function}({holes})", *columns.values())
 
