@@ -246,6 +246,12 @@ class SqliteBackend(Backend):
         ``write`` the whole of it is one BEGIN IMMEDIATE transaction (a single
         statement is a transaction of its own anyway)."""
 
+        checkpoint = self._checkpointing
+        if checkpoint is not None:
+            # A checkpoint needs a moment with no transaction open.  Between two
+            # statements on the loop it would catch one only by luck (its busy handler
+            # polls), and the WAL would grow meanwhile: let it finish first.
+            await asyncio.shield(checkpoint)
         waited = False
 
         async def operation(connection: sqlite3.Connection) -> T:
@@ -308,7 +314,8 @@ class SqliteBackend(Backend):
 
     def _note_write(self) -> None:
         self._writes += 1
-        if self._writes % CHECKPOINT_EVERY == 0 and self._checkpointing is None:
+        if self._writes >= CHECKPOINT_EVERY and self._checkpointing is None:
+            self._writes = 0
             self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint())
 
     async def _checkpoint(self) -> None:
