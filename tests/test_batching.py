@@ -63,6 +63,31 @@ async def test_a_call_alone_goes_at_once_and_the_rest_go_together() -> None:
     assert recorder.batches == [[1], [2, 3, 4]]
 
 
+async def test_once_calls_have_had_company_a_turn_of_the_loop_goes_together() -> None:
+    """Consumers woken by one answer call again in one turn of the loop: after a round
+    trip that had company, even the first of them waits for the end of the turn, so all
+    of them share the next round trip.  A round trip alone brings back sending at once."""
+    recorder = Recorder()
+    batcher: Batcher[int, int] = Batcher(recorder)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await _started(recorder, 1)
+    queued = [asyncio.ensure_future(batcher.submit(n)) for n in (2, 3)]
+    await asyncio.sleep(0)
+    recorder.gate.set()
+    assert await asyncio.gather(first, *queued) == [2, 4, 6]
+    # Nothing is in flight now, but 2 and 3 had company: a turn's calls go together.
+    recorder.gate = asyncio.Event()
+    turn = [asyncio.ensure_future(batcher.submit(n)) for n in (4, 5, 6)]
+    await _started(recorder, 3)
+    recorder.gate.set()
+    assert await asyncio.gather(*turn) == [8, 10, 12]
+    # A call alone waits for the end of its turn once more, and goes alone: the next
+    # one goes at once.
+    assert await batcher.submit(7) == 14
+    assert await batcher.submit(8) == 16
+    assert recorder.batches == [[1], [2, 3], [4, 5, 6], [7], [8]]
+
+
 async def test_each_caller_gets_its_own_error() -> None:
     recorder = Recorder()
     batcher: Batcher[int, int] = Batcher(recorder)

@@ -1,9 +1,13 @@
 """Sharing round trips and commits between concurrent callers.
 
 Several consumers in one process call the same operation at once.  A ``Batcher``
-sends a call at once when nothing of its kind is in flight (so a lone consumer waits
-for nothing), and otherwise queues it: when the call in flight returns, everything
-queued meanwhile goes in one round trip, one transaction, one commit.  Each caller
+sends a call at once when nothing of its kind is in flight and the last round trip
+went alone (so a lone consumer waits for nothing).  Otherwise it queues the call, and
+the queue goes at the end of the loop's turn, or when a round trip in flight returns:
+everything queued meanwhile in one round trip, one transaction, one commit.  Waiting
+for the end of the turn matters once consumers run in step: those woken by one answer
+all call again in the same turn, and the first of them going alone would split them
+into a round trip of one and one of the rest.  Each caller
 still gets its own answer, and its own error: when a batch fails for a reason other
 than a lost database, its calls are tried again one at a time, so that an error lands
 on the call that caused it.
@@ -47,21 +51,33 @@ class Batcher(Generic[R, A]):
         self._queue: list[tuple[R, asyncio.Future[A]]] = []
         self._in_flight = 0
         self._flushing: set[asyncio.Task[None]] = set()
+        self._drain_scheduled = False
+        self._company = False
 
     async def submit(self, request: R) -> A:
-        if self._in_flight < self._max_in_flight and not self._queue:
+        # ``_company``: something was queued during the last round trip, or it carried
+        # more than one call.
+        if self._in_flight < self._max_in_flight and not self._queue and not self._company:
             self._in_flight += 1
             try:
                 (answer,) = await self._send((request,))
                 return answer
             finally:
+                self._company = bool(self._queue)
                 self._in_flight -= 1
-                self._drain()
+                self._drain_soon()
         future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
         self._queue.append((request, future))
+        self._drain_soon()
         return await future
 
+    def _drain_soon(self) -> None:
+        if self._queue and not self._drain_scheduled:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
     def _drain(self) -> None:
+        self._drain_scheduled = False
         if not self._queue or self._in_flight >= self._max_in_flight:
             return
         batch = self._queue[: self._max_batch]
@@ -78,6 +94,7 @@ class Batcher(Generic[R, A]):
                 return
             try:
                 answers = await self._send([request for request, _ in live])
+                self._company = len(live) > 1 or bool(self._queue)
             except OrderingError as exc:  # the database is gone: every caller hears it
                 for _, future in live:
                     if not future.done():
@@ -99,7 +116,7 @@ class Batcher(Generic[R, A]):
                 raise
         finally:
             self._in_flight -= 1
-            self._drain()
+            self._drain_soon()
 
     async def _one_by_one(self, batch: list[tuple[R, asyncio.Future[A]]]) -> None:
         for request, future in batch:
