@@ -16,9 +16,8 @@ from typing import Any
 from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from ordering.engine import resolve_url
+from ordering.engine import create_engine, resolve_url
 from ordering.schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
 
 config = context.config
@@ -110,7 +109,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_url())
+    engine = create_engine(_url())
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -11,7 +11,9 @@ import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import asyncpg
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,23 @@ def _mask_password(text: str) -> str:
 def safe_url(url: str) -> str:
     """The URL with its password hidden, for messages and logs."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def asyncpg_dsn(url: str) -> str:
+    """What asyncpg connects to for a checked PostgreSQL URL: the same URL, query and
+    all.  asyncpg reads connection options from the query (``sslmode``) and passes on
+    the rest as server settings, e.g. ``?synchronous_commit=off``."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """A SQLAlchemy engine on a checked URL, for migrations and schema reads.  On
+    PostgreSQL it connects as the store does (see ``asyncpg_dsn``): SQLAlchemy would
+    pass a server setting in the query to asyncpg as an unknown keyword."""
+    if not url.startswith("postgresql"):
+        return create_async_engine(url)
+    dsn = asyncpg_dsn(url)
+    return create_async_engine(url, async_creator=lambda: asyncpg.connect(dsn))
 
 
 T = TypeVar("T")

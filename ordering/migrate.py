@@ -12,9 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from .engine import resolve_url
+from .engine import create_engine, resolve_url
 from .schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -112,7 +111,7 @@ async def database_revisions(
 ) -> tuple[str | None, str | None]:
     """(the revision the database is at, the oldest code revision it serves)."""
     chosen = resolve_schema(schema)
-    engine = create_async_engine(resolve_url(url))
+    engine = create_engine(resolve_url(url))
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(

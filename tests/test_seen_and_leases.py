@@ -20,6 +20,8 @@ from ordering import (
 )
 from ordering.backends import _registry
 from ordering.causal import dispose_engines
+from ordering.migrate import current_revision
+from ordering.schema import CODE_REVISION
 
 from .helpers import (
     MutableClock,
@@ -320,3 +322,29 @@ async def test_orderings_built_per_event_share_one_store_and_open_nothing(
     assert len({id(o.backend) for o in orderings}) == 1
     assert len({id(o.backend.connections) for o in orderings}) == 1
     assert len(_registry.current()) == 1
+
+
+async def test_postgresql_completions_are_durable_unless_the_url_trades_it(
+    postgres_url: str, clock: MutableClock, scope: str
+) -> None:
+    """A completion waits for PostgreSQL's WAL flush unless the URL says
+    ``synchronous_commit=off`` (docs/guarantees.md: what a database crash then costs);
+    the store, its migrations and its schema check work the same either way."""
+
+    async def setting(url: str) -> str:
+        ordering = CausalOrdering(scope, url=url, clock=clock)
+        event = make_event(clock)
+        async with ordering.event_is_processing(event):
+            pass
+        assert await ordering.event_has_been_seen(event.id)
+        value: str = await ordering.backend.connections.run(
+            lambda connection: connection.fetchval("SHOW synchronous_commit")
+        )
+        return value
+
+    assert await setting(postgres_url) == "on"
+    separator = "&" if "?" in postgres_url else "?"
+    trading = f"{postgres_url}{separator}synchronous_commit=off"
+    assert await setting(trading) == "off"
+    # the same URL serves the migrations and the schema check
+    assert await current_revision(trading) == CODE_REVISION

@@ -24,9 +24,9 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
 from .. import sql
+from ..engine import asyncpg_dsn, safe_url
 from ..notify import Notifications, Waiter
 from ..schema import CODE_REVISION, resolve_schema
 from .base import (
@@ -68,9 +68,8 @@ def _sqlstate(exc: BaseException) -> str | None:
 class PostgresConnections(Connections[asyncpg.Connection]):
     def __init__(self, url: str, schema: str, **options: Any) -> None:
         super().__init__(url, **options)
-        parsed = make_url(url)
-        self._dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._safe_url = parsed.render_as_string(hide_password=True)
+        self._dsn = asyncpg_dsn(url)
+        self._safe_url = safe_url(url)
         self.schema = schema
 
     async def connect(self) -> asyncpg.Connection:
