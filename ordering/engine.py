@@ -48,6 +48,11 @@ def _checked_url(chosen: str) -> str:
             f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
             "use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
         )
+    if parsed.drivername.startswith("postgresql") and "search_path" in parsed.query:
+        raise ValueError(
+            "the URL sets search_path, which the store sets to its own schema: "
+            "name the schema with schema= or $ORDERING_SCHEMA instead"
+        )
     if parsed.drivername.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
         raise ValueError(
             "an in-memory SQLite database is not shared between connections: "

@@ -230,6 +230,7 @@ async def test_a_slow_body_keeps_its_lease_alive(db_url: str, scope: str) -> Non
         ({"scope": "s", "url": "mysql://nope"}, "unsupported database URL"),
         ({"scope": "s", "url": "sqlite+aiosqlite://"}, "in-memory SQLite"),
         ({"scope": "s", "url": "::not a url::"}, "not a database URL"),
+        ({"scope": "s", "url": "postgresql://u@h/db?search_path=x"}, "search_path"),
         ({"scope": "s", "lease_duration": timedelta(0)}, "lease_duration"),
         ({"scope": "s", "poll_interval": 0}, "poll_interval"),
         ({"scope": "s", "event_type": dict}, "event_type"),
@@ -331,20 +332,23 @@ async def test_postgresql_completions_are_durable_unless_the_url_trades_it(
     ``synchronous_commit=off`` (docs/guarantees.md: what a database crash then costs);
     the store, its migrations and its schema check work the same either way."""
 
-    async def setting(url: str) -> str:
+    async def setting(url: str, name: str) -> str:
         ordering = CausalOrdering(scope, url=url, clock=clock)
         event = make_event(clock)
         async with ordering.event_is_processing(event):
             pass
         assert await ordering.event_has_been_seen(event.id)
         value: str = await ordering.backend.connections.run(
-            lambda connection: connection.fetchval("SHOW synchronous_commit")
+            lambda connection: connection.fetchval(f"SHOW {name}")
         )
         return value
 
-    assert await setting(postgres_url) == "on"
+    assert await setting(postgres_url, "synchronous_commit") == "on"
     separator = "&" if "?" in postgres_url else "?"
-    trading = f"{postgres_url}{separator}synchronous_commit=off"
-    assert await setting(trading) == "off"
+    trading = f"{postgres_url}{separator}synchronous_commit=off&application_name=billing"
+    assert await setting(trading, "synchronous_commit") == "off"
+    # the URL's settings win over the store's own defaults
+    assert await setting(postgres_url, "application_name") == "ordering"
+    assert await setting(trading, "application_name") == "billing"
     # the same URL serves the migrations and the schema check
     assert await current_revision(trading) == CODE_REVISION

@@ -24,6 +24,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from sqlalchemy.engine import make_url
 
 from .. import sql
 from ..engine import asyncpg_dsn, safe_url
@@ -65,22 +66,23 @@ def _sqlstate(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
+#: Server settings of the store's sessions unless the URL's query sets them (asyncpg
+#: passes the query's settings on, and these would take precedence).
+_DEFAULT_SETTINGS = {"application_name": "ordering", "jit": "off"}
+
+
 class PostgresConnections(Connections[asyncpg.Connection]):
     def __init__(self, url: str, schema: str, **options: Any) -> None:
         super().__init__(url, **options)
         self._dsn = asyncpg_dsn(url)
         self._safe_url = safe_url(url)
         self.schema = schema
+        given = make_url(url).query
+        self._settings = {k: v for k, v in _DEFAULT_SETTINGS.items() if k not in given}
+        self._settings["search_path"] = schema  # the URL may not set it (engine.py)
 
     async def connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(
-            self._dsn,
-            server_settings={
-                "application_name": "ordering",
-                "jit": "off",
-                "search_path": self.schema,
-            },
-        )
+        return await asyncpg.connect(self._dsn, server_settings=self._settings)
 
     async def close(self, connection: asyncpg.Connection) -> None:
         try:
