@@ -16,12 +16,14 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ordering.backends import backend_for
 from ordering.causal import dispose_engines
 
 from . import profiling, redis_peer, reference, wakeup, workers
@@ -205,6 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     results = BenchResults(meta=_meta(args))
+    busy = _busy_cores()
+    if busy is not None and busy >= 0.25:
+        results.notes.append(
+            f"before the run, other processes kept {busy:.1f} of {os.cpu_count()} cores busy: "
+            "the store, the databases and the peer share the cores, so the ratios are "
+            "unreliable (one busy core sped the Redis peer up by 20-60 %)"
+        )
     peer = None if args.no_redis else _open_peer(args, results.notes)
     try:
         for dialect in args.dialect:
@@ -407,6 +416,8 @@ async def _measure(
                     consumers=consumers,
                 )
             )
+        if dialect == "postgresql":
+            notes.append(await _durability(url))
         results.construction = await measure_construction(url, results.dialect, args.constructions)
         results.limits = Limits.average([before, await limits()])
         for workload in results.workloads + results.concurrency:
@@ -424,6 +435,43 @@ async def _measure(
                 await peer.finish()
         finally:
             await dispose_engines()
+
+
+async def _durability(url: str) -> str:
+    """What the store's PostgreSQL sessions ran with: the default waits for the WAL
+    flush on every completion; a URL with ``?synchronous_commit=off`` does not."""
+    setting = await backend_for(url).connections.run(
+        lambda connection: connection.fetchval("SHOW synchronous_commit")
+    )
+    if setting == "on":
+        return "the store's sessions ran with synchronous_commit=on: completions are durable"
+    return (
+        f"the store's sessions ran with synchronous_commit={setting} (set in the URL): commits "
+        "return before the WAL flush, so these are not the default's figures "
+        "(docs/guarantees.md: what a database crash then loses)"
+    )
+
+
+def _busy_cores(seconds: float = 0.5) -> float | None:
+    """How many cores other processes kept busy over ``seconds`` (this one sleeps
+    meanwhile), from /proc/stat; None where there is none."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            ticks = [int(n) for n in stat.readline().split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle and iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    try:
+        busy_before, total_before = sample()
+        time.sleep(seconds)
+        busy_after, total_after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total_after - total_before
+    if elapsed <= 0:
+        return None
+    return (busy_after - busy_before) / elapsed * (os.cpu_count() or 1)
 
 
 def _progress(message: str) -> None:
