@@ -198,24 +198,26 @@ class Harness:
         log = log_path.read_text()[-3000:] if log_path.exists() else ""
         return out + log
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+    def wait_for(
+        self, condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.1
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             self._check_alive()
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(0.1)
+            time.sleep(poll)
 
     def drained(self) -> bool:
         return all((self.run_dir / f"{n}.drained").exists() for n in self.live())
 
-    def any_recorded(self) -> bool:
-        return run_sync(handled.distinct_events, self.url) > 0
+    def handled_share(self) -> float:
+        """The share of the workload's events handled so far."""
+        assert self.workload is not None
+        return run_sync(handled.distinct_events, self.url) / len(self.workload.events)
 
     def all_handled(self) -> bool:
-        assert self.workload is not None
-        count = run_sync(handled.distinct_events, self.url)
-        return count == len(self.workload.events)
+        return self.handled_share() == 1
 
     def is_seen(self, event_id: UUID) -> bool:
         statement = text(

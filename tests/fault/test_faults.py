@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,10 +277,10 @@ class OutageRun:
     mid_run: int
 
 
-def run_with_outages(
-    name: str, run_dir: Path, outage: str, times: int, every: float
-) -> Iterator[OutageRun]:
-    """Four workers on a fresh database; ``times`` outages ``every`` seconds apart.
+def run_with_outages(name: str, run_dir: Path, outage: str, times: int) -> Iterator[OutageRun]:
+    """Four workers on a fresh database; ``times`` outages, spread through the run by
+    its progress (the i-th once i/(times + 1) of the events are handled), so that they
+    land while work is queued however fast the machine is.
 
     One run serves several tests (module-scoped fixtures), each checking one thing.
     """
@@ -298,10 +297,15 @@ def run_with_outages(
     try:
         harness.prepare(chains(count, length))
         harness.start()
-        harness.wait_for(harness.any_recorded, 60, "the first handling")
         mid_run = 0
-        for _ in range(times):
-            time.sleep(every)
+        for i in range(1, times + 1):
+            share = i / (times + 1)
+            harness.wait_for(
+                lambda share=share: harness.handled_share() >= share,  # type: ignore[misc]
+                120,
+                f"{share:.0%} of the events handled",
+                poll=0.01,
+            )
             mid_run += not harness.drained()
             getattr(harness, outage)()
         yield OutageRun(harness.finish(), mid_run)
@@ -327,7 +331,7 @@ def terminated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRun]:
     """pg_terminate_backend on every connection to the database, 5 times, while four
     workers run."""
     run_dir = tmp_path_factory.mktemp("terminate-backends")
-    yield from run_with_outages("terminate-backends", run_dir, "terminate_backends", 5, 0.7)
+    yield from run_with_outages("terminate-backends", run_dir, "terminate_backends", 5)
 
 
 def test_every_connection_terminated_mid_run(terminated: OutageRun) -> None:
@@ -348,7 +352,7 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRun]:
             "set ORDERING_FAULT_PG_RESTART=1 to run"
         )
     run_dir = tmp_path_factory.mktemp("restart-postgres")
-    yield from run_with_outages("restart-postgres", run_dir, "restart_cluster", 1, 1.0)
+    yield from run_with_outages("restart-postgres", run_dir, "restart_cluster", 1)
 
 
 def test_postgres_restarted_mid_run(restarted: OutageRun) -> None:
