@@ -53,15 +53,25 @@ async def _started(recorder: Recorder, batches: int) -> None:
     await eventually(lambda: len(recorder.batches) >= batches, what=f"{batches} batches sent")
 
 
+async def _behind_one(
+    batcher: Batcher[int, int], recorder: Recorder, first: int, *rest: int
+) -> list[asyncio.Future[int]]:
+    """Submit ``first`` and wait until it is sent, then ``rest``, queued behind it once
+    the loop has turned; the calls, in that order."""
+    sent = len(recorder.batches)
+    calls: list[asyncio.Future[int]] = [asyncio.ensure_future(batcher.submit(first))]
+    await _started(recorder, sent + 1)
+    calls += [asyncio.ensure_future(batcher.submit(n)) for n in rest]
+    await asyncio.sleep(0)
+    return calls
+
+
 async def test_a_call_alone_goes_at_once_and_the_rest_go_together() -> None:
     recorder = Recorder()
     batcher: Batcher[int, int] = Batcher(recorder)
-    first = asyncio.ensure_future(batcher.submit(1))
-    await _started(recorder, 1)
-    rest = [asyncio.ensure_future(batcher.submit(n)) for n in (2, 3, 4)]
-    await asyncio.sleep(0)
+    calls = await _behind_one(batcher, recorder, 1, 2, 3, 4)
     recorder.gate.set()
-    assert await asyncio.gather(first, *rest) == [2, 4, 6, 8]
+    assert await asyncio.gather(*calls) == [2, 4, 6, 8]
     assert recorder.batches == [[1], [2, 3, 4]]
 
 
@@ -71,12 +81,9 @@ async def test_once_calls_have_had_company_a_turn_of_the_loop_goes_together() ->
     of them share the next round trip.  A round trip alone brings back sending at once."""
     recorder = Recorder()
     batcher: Batcher[int, int] = Batcher(recorder)
-    first = asyncio.ensure_future(batcher.submit(1))
-    await _started(recorder, 1)
-    queued = [asyncio.ensure_future(batcher.submit(n)) for n in (2, 3)]
-    await asyncio.sleep(0)
+    calls = await _behind_one(batcher, recorder, 1, 2, 3)
     recorder.gate.set()
-    assert await asyncio.gather(first, *queued) == [2, 4, 6]
+    assert await asyncio.gather(*calls) == [2, 4, 6]
     # Nothing is in flight now, but 2 and 3 had company: a turn's calls go together.
     recorder.gate = asyncio.Event()
     turn = [asyncio.ensure_future(batcher.submit(n)) for n in (4, 5, 6)]
@@ -93,12 +100,9 @@ async def test_once_calls_have_had_company_a_turn_of_the_loop_goes_together() ->
 async def test_each_caller_gets_its_own_error() -> None:
     recorder = Recorder()
     batcher: Batcher[int, int] = Batcher(recorder)
-    first = asyncio.ensure_future(batcher.submit(1))
-    await _started(recorder, 1)
-    rest = [asyncio.ensure_future(batcher.submit(n)) for n in (2, 13, 4)]
-    await asyncio.sleep(0)
+    calls = await _behind_one(batcher, recorder, 1, 2, 13, 4)
     recorder.gate.set()
-    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    results = await asyncio.gather(*calls, return_exceptions=True)
     assert results[:2] == [2, 4] and results[3] == 8
     assert isinstance(results[2], ValueError)
     # the failing batch was tried again call by call
@@ -108,13 +112,10 @@ async def test_each_caller_gets_its_own_error() -> None:
 async def test_a_lost_database_reaches_every_caller_of_the_batch() -> None:
     recorder = Recorder()
     batcher: Batcher[int, int] = Batcher(recorder)
-    first = asyncio.ensure_future(batcher.submit(1))
-    await _started(recorder, 1)
-    rest = [asyncio.ensure_future(batcher.submit(n)) for n in (2, 3)]
-    await asyncio.sleep(0)
+    calls = await _behind_one(batcher, recorder, 1, 2, 3)
     recorder.lost = True
     recorder.gate.set()
-    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    results = await asyncio.gather(*calls, return_exceptions=True)
     assert all(isinstance(r, StoreUnavailable) for r in results)
     assert recorder.batches == [[1], [2, 3]]  # not retried one by one
 
@@ -123,11 +124,7 @@ async def test_a_cancelled_caller_is_not_sent_and_an_orphaned_answer_is_handed_b
     recorder = Recorder()
     orphans: list[tuple[int, int]] = []
     batcher: Batcher[int, int] = Batcher(recorder, orphaned=lambda r, a: orphans.append((r, a)))
-    first = asyncio.ensure_future(batcher.submit(1))
-    await _started(recorder, 1)
-    queued = asyncio.ensure_future(batcher.submit(2))
-    kept = asyncio.ensure_future(batcher.submit(3))
-    await asyncio.sleep(0)
+    first, queued, kept = await _behind_one(batcher, recorder, 1, 2, 3)
     queued.cancel()
     recorder.gate.set()
     assert await first == 2 and await kept == 6
@@ -135,10 +132,7 @@ async def test_a_cancelled_caller_is_not_sent_and_an_orphaned_answer_is_handed_b
     # A caller cancelled while its batch is in flight: its answer goes to ``orphaned``.
     first_gate, second_gate = asyncio.Event(), asyncio.Event()
     recorder.gate = first_gate
-    lead = asyncio.ensure_future(batcher.submit(5))
-    await _started(recorder, 3)
-    in_flight = asyncio.ensure_future(batcher.submit(7))
-    await asyncio.sleep(0)
+    lead, in_flight = await _behind_one(batcher, recorder, 5, 7)
     recorder.gate = second_gate  # the batch of 7 will wait on this one
     first_gate.set()
     assert await lead == 10
@@ -164,6 +158,16 @@ def _lease(
         expires_at=now + timedelta(minutes=1),
         seen_after=now - timedelta(minutes=30),
     )
+
+
+def _batch_call(
+    function: str, requests: Sequence[BeginRequest | CompleteRequest]
+) -> tuple[str, list[Any]]:
+    """A set-based function called directly on the requests: its statement and its
+    values (each parameter an array, one element per request)."""
+    columns = _columns(request.params() for request in requests)
+    holes = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+    return f"SELECT * FROM {function}({holes})", list(columns.values())
 
 
 def _parked(scope: str, follower: UUID, leader: UUID, now: datetime, event: str) -> ParkRequest:
@@ -327,9 +331,8 @@ async def test_postgresql_set_based_batches_answer_what_the_per_event_forms_answ
         )
 
     async def batch(function: str, requests: Sequence[BeginRequest | CompleteRequest]) -> Rows:
-        columns = _columns(request.params() for request in requests)
-        holes = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-        return await fetch(f"SELECT * FROM {function}({holes})", *columns.values())
+        statement, values = _batch_call(function, requests)
+        return await fetch(statement, *values)
 
     async def rows(scope: str) -> list[tuple[object, ...]]:
         found = []
@@ -405,10 +408,11 @@ async def test_postgresql_batches_of_the_same_events_in_any_order_never_deadlock
     shuffle = random.Random(7).sample
     connections = [await backend.connections.connect() for _ in range(4)]
 
-    async def batch(connection: Any, function: str, params: list[dict[str, Any]]) -> Rows:
-        columns = _columns(params)
-        holes = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-        rows: Rows = await connection.fetch(f"SELECT * FROM {function}({holes})", *columns.values())
+    async def batch(
+        connection: Any, function: str, requests: Sequence[BeginRequest | CompleteRequest]
+    ) -> Rows:
+        statement, values = _batch_call(function, requests)
+        rows: Rows = await connection.fetch(statement, *values)
         return rows
 
     try:
@@ -420,7 +424,7 @@ async def test_postgresql_batches_of_the_same_events_in_any_order_never_deadlock
                     batch(
                         c,
                         "begin_events_v2",
-                        [_lease(scope, e, f"o{n}", now).params() for e in order],
+                        [_lease(scope, e, f"o{n}", now) for e in order],
                     )
                     for n, (c, order) in enumerate(zip(connections, orders, strict=True))
                 )
@@ -442,7 +446,7 @@ async def test_postgresql_batches_of_the_same_events_in_any_order_never_deadlock
                                 now=now,
                                 claim=None,
                                 is_follower=False,
-                            ).params()
+                            )
                             for e in order
                         ],
                     )
