@@ -246,12 +246,6 @@ class SqliteBackend(Backend):
         ``write`` the whole of it is one BEGIN IMMEDIATE transaction (a single
         statement is a transaction of its own anyway)."""
 
-        checkpoint = self._checkpointing
-        if checkpoint is not None:
-            # A checkpoint needs a moment with no transaction open.  Between two
-            # statements on the loop it would catch one only by luck (its busy handler
-            # polls), and the WAL would grow meanwhile: let it finish first.
-            await asyncio.shield(checkpoint)
         waited = False
 
         async def operation(connection: sqlite3.Connection) -> T:
@@ -261,13 +255,22 @@ class SqliteBackend(Backend):
             def attempt() -> T:
                 return statements.transaction(work) if write else work(statements)
 
+            # Our own checkpoint needs a moment with no transaction open.  Between two
+            # statements on the loop it would catch one only by luck (its busy handler
+            # polls) and the WAL would grow meanwhile: let it finish first, here, with
+            # nothing awaited between this and the attempt.
+            while (checkpoint := self._checkpointing) is not None:
+                waited = True
+                await asyncio.shield(checkpoint)
             try:
                 result = attempt()
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
                     raise
+                # another connection's lock: waited out in a worker thread (SQLite's
+                # busy timeout), not on the loop
                 waited = True
-                result = await self._after_lock(connection, attempt)
+                result = await _in_thread(_waiting_out_locks, connection, attempt)
             if statements.wrote:
                 self._note_write()
             return result
@@ -279,20 +282,6 @@ class SqliteBackend(Backend):
             # write, so once per event, with the connection already given back.
             await asyncio.sleep(0)
         return result
-
-    async def _after_lock(self, connection: sqlite3.Connection, attempt: Callable[[], T]) -> T:
-        """Run ``attempt`` once the write lock is free.  Our own checkpoint is the usual
-        holder: wait for it on the loop and try again there; another connection's lock
-        is waited out in a worker thread (SQLite's busy timeout)."""
-        checkpoint = self._checkpointing
-        if checkpoint is not None:
-            await asyncio.shield(checkpoint)
-            try:
-                return attempt()
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
-                    raise
-        return await _in_thread(_waiting_out_locks, connection, attempt)
 
     async def _fetch(self, name: str, *, idempotent: bool = True, **params: Any) -> Rows:
         return await self._run(lambda execute: execute(name, params), idempotent=idempotent)
