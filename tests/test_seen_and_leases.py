@@ -20,7 +20,7 @@ from ordering import (
 )
 from ordering.backends import _registry
 from ordering.causal import dispose_engines
-from ordering.migrate import current_revision
+from ordering.migrate import current_revision, upgrade
 from ordering.schema import CODE_REVISION
 
 from .helpers import (
@@ -351,4 +351,5 @@ async def test_postgresql_completions_are_durable_unless_the_url_trades_it(
     assert await setting(postgres_url, "application_name") == "ordering"
     assert await setting(trading, "application_name") == "billing"
     # the same URL serves the migrations and the schema check
+    await asyncio.to_thread(upgrade, trading)
     assert await current_revision(trading) == CODE_REVISION
