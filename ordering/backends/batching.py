@@ -52,24 +52,28 @@ class Batcher(Generic[R, A]):
         self._in_flight = 0
         self._flushing: set[asyncio.Task[None]] = set()
         self._drain_scheduled = False
+        #: The last round trip carried more than one call, or calls queued behind it.
         self._company = False
 
     async def submit(self, request: R) -> A:
-        # ``_company``: something was queued during the last round trip, or it carried
-        # more than one call.
         if self._in_flight < self._max_in_flight and not self._queue and not self._company:
             self._in_flight += 1
             try:
                 (answer,) = await self._send((request,))
                 return answer
             finally:
-                self._company = bool(self._queue)
-                self._in_flight -= 1
-                self._drain_soon()
+                self._returned(1)
         future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
         self._queue.append((request, future))
         self._drain_soon()
         return await future
+
+    def _returned(self, calls: int) -> None:
+        """A round trip of ``calls`` calls is over: note whether it had company, and
+        let the queue go."""
+        self._company = calls > 1 or bool(self._queue)
+        self._in_flight -= 1
+        self._drain_soon()
 
     def _drain_soon(self) -> None:
         if self._queue and not self._drain_scheduled:
@@ -88,13 +92,12 @@ class Batcher(Generic[R, A]):
         task.add_done_callback(self._flushing.discard)
 
     async def _flush(self, batch: list[tuple[R, asyncio.Future[A]]]) -> None:
+        live = [(request, future) for request, future in batch if not future.done()]
         try:
-            live = [(request, future) for request, future in batch if not future.done()]
             if not live:
                 return
             try:
                 answers = await self._send([request for request, _ in live])
-                self._company = len(live) > 1 or bool(self._queue)
             except OrderingError as exc:  # the database is gone: every caller hears it
                 for _, future in live:
                     if not future.done():
@@ -115,8 +118,7 @@ class Batcher(Generic[R, A]):
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._in_flight -= 1
-            self._drain_soon()
+            self._returned(len(live))
 
     async def _one_by_one(self, batch: list[tuple[R, asyncio.Future[A]]]) -> None:
         for request, future in batch:
