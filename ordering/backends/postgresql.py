@@ -76,7 +76,6 @@ class PostgresConnections(Connections[asyncpg.Connection]):
         super().__init__(url, **options)
         self._dsn = asyncpg_dsn(url)
         self._safe_url = safe_url(url)
-        self.schema = schema
         given = make_url(url).query
         self._settings = {k: v for k, v in _DEFAULT_SETTINGS.items() if k not in given}
         self._settings["search_path"] = schema  # the URL may not set it (engine.py)
