@@ -17,17 +17,16 @@ Create Date: 2026-11-30
 """
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from alembic import context, op
+
+from ordering.migrate import snapshot
 
 revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
-
-SNAPSHOTS = Path(__file__).resolve().parent.parent / "snapshots"
 
 OLD_VIEWS = ("ordering_stuck", "ordering_waiting", "ordering_held_leases")
 NEW_VIEWS = {"postgresql": ("stuck", "waiting", "held_leases"), "sqlite": OLD_VIEWS}
@@ -72,23 +71,6 @@ RENAMED_INDEXES = (
 )
 
 
-def _snapshot(dialect: str, revision: str = "0003") -> list[str]:
-    """The statements of a revision's snapshot file (later revisions read theirs here)."""
-    text = (SNAPSHOTS / f"{revision}_{dialect}.sql").read_text("utf-8")
-    found: list[str] = []
-    current: list[str] = []
-    in_body = False
-    for line in text.splitlines():
-        if line.startswith("--") and not in_body:
-            continue
-        current.append(line)
-        in_body ^= line.count("$$") % 2 == 1
-        if not in_body and line.rstrip().endswith(";"):
-            found.append("\n".join(current).strip().removesuffix(";"))
-            current = []
-    return found
-
-
 def upgrade() -> None:
     dialect = op.get_context().dialect.name
     for view in OLD_VIEWS:
@@ -102,7 +84,7 @@ def upgrade() -> None:
             op.execute(f"ALTER TABLE {table} RENAME CONSTRAINT {old} TO {new}")
         for old, new in RENAMED_INDEXES:
             op.execute(f"ALTER INDEX {old} RENAME TO {new}")
-    for statement in _snapshot(dialect):
+    for statement in snapshot(revision, dialect):
         op.execute(statement)
     table = "code_compatibility" if dialect == "postgresql" else "ordering_code_compatibility"
     op.execute(f"INSERT INTO {table} (oldest_code_revision) VALUES ('0003')")

@@ -12,9 +12,10 @@ Create Date: 2026-11-30
 """
 
 from collections.abc import Sequence
-from typing import Any
 
-from alembic import context, op
+from alembic import op
+
+from ordering.migrate import snapshot
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -31,7 +32,7 @@ NEW_FUNCTIONS = (
 def upgrade() -> None:
     if op.get_context().dialect.name != "postgresql":
         return
-    for statement in _revision_module("0003")._snapshot("postgresql", revision):
+    for statement in snapshot(revision, "postgresql"):
         op.execute(statement)
 
 
@@ -40,9 +41,3 @@ def downgrade() -> None:
         return
     for function in NEW_FUNCTIONS:
         op.execute(f"DROP FUNCTION {function}")
-
-
-def _revision_module(name: str) -> Any:
-    script = context.script.get_revision(name)
-    assert script is not None
-    return script.module

@@ -21,9 +21,10 @@ Create Date: 2026-12-01
 """
 
 from collections.abc import Sequence
-from typing import Any
 
-from alembic import context, op
+from alembic import op
+
+from ordering.migrate import snapshot
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -37,7 +38,7 @@ def upgrade() -> None:
     op.execute("ALTER TABLE waiting_followers DROP CONSTRAINT pk_waiting_followers")
     op.execute("DROP INDEX ix_waiting_followers_by_leader")
     op.execute("DROP INDEX ix_waiting_followers_by_received")
-    for statement in _revision_module("0003")._snapshot("postgresql", revision):
+    for statement in snapshot(revision, "postgresql"):
         op.execute(statement)
 
 
@@ -59,9 +60,3 @@ def downgrade() -> None:
     op.execute(
         "CREATE INDEX ix_waiting_followers_by_received ON waiting_followers (scope, received)"
     )
-
-
-def _revision_module(name: str) -> Any:
-    script = context.script.get_revision(name)
-    assert script is not None
-    return script.module
