@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
+from ordering.engine import asyncpg_dsn
 from ordering.migrate import upgrade
 
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -41,15 +42,18 @@ def admin_url(pg_url: str | None) -> str:
 
 
 async def asyncpg_connect(url: str) -> Any:
-    """A plain asyncpg connection (no SQLAlchemy) to the database of a SQLAlchemy URL."""
+    """A plain asyncpg connection (no SQLAlchemy) to the database of a SQLAlchemy URL,
+    with the server settings of its query, as the store's own connections have them
+    (so the database's own limits are measured as durable as the store's commits)."""
     parsed = make_url(url)
-    return await asyncpg.connect(
+    filled = parsed.set(
         host=parsed.host or "127.0.0.1",
         port=parsed.port or 5432,
-        user=parsed.username or "postgres",
-        password=parsed.password,
+        username=parsed.username or "postgres",
         database=parsed.database or "postgres",
-        timeout=10,
+    )
+    return await asyncpg.connect(
+        asyncpg_dsn(filled.render_as_string(hide_password=False)), timeout=10
     )
 
 
