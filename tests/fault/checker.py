@@ -70,6 +70,8 @@ class WorkerResults:
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: list[str] = field(default_factory=list)
     lost_followers: int = 0
+    #: Statements the store sent, by name.
+    statements: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def read(cls, run_dir: Path) -> WorkerResults:
@@ -80,6 +82,7 @@ class WorkerResults:
             results.errors.update(data["errors"])
             results.error_samples.extend(f"{path.stem}: {s}" for s in data["error_samples"])
             results.lost_followers += data["lost_followers"]
+            results.statements.update(data["statements"])
         return results
 
 

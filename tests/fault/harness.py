@@ -92,6 +92,8 @@ class Harness:
     run_dir: Path
     workers: int
     duplicate_fraction: float
+    #: Deliveries each worker handles at once (tasks of one process sharing its store).
+    consumers: int = 1
     #: The fraction of redeliveries that come right after the original (see deliver).
     soon: float = 0.0
     lease_seconds: float = 60.0
@@ -154,7 +156,7 @@ class Harness:
     ) -> None:
         queue_path = self.run_dir / f"{name}.queue.json"
         write_queue(queue_path, queue)
-        extra = ["--queue", str(queue_path)]
+        extra = ["--queue", str(queue_path), "--consumers", str(self.consumers)]
         for option, value in (options or {}).items():
             if value is not None:
                 extra += [option, str(value)]

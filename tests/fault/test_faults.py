@@ -69,25 +69,35 @@ def handlings(report: Report, event: ReceivedEvent) -> list[str]:
 # -- 1. concurrency ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("consumers", [1, 16], ids=["one-at-a-time", "16-at-once"])
 def test_four_workers_share_jumbled_chains_with_redeliveries(
-    pg_url: str, tmp_path: Path, harnesses: list[Harness]
+    pg_url: str, tmp_path: Path, harnesses: list[Harness], consumers: int
 ) -> None:
-    """4 processes, 200 chains of 5, 10% delivered twice at random."""
+    """4 processes, 200 chains of 5, 10% delivered twice at random.  With 16
+    deliveries at once per process, their calls share round trips and commits, and
+    half of the redeliveries come right after their original (often into its batch)."""
     count, length = scaled(200), 5
     harness = build(
         harnesses,
         chains(count, length),
-        name="concurrency",
+        name=f"concurrency-{consumers}",
         url=pg_url,
         run_dir=tmp_path,
         workers=4,
+        consumers=consumers,
         duplicate_fraction=0.1,
+        soon=0.5 if consumers > 1 else 0.0,
     )
     harness.start()
     report = harness.finish()
     report.assert_rules()
     assert report.rehandled_after_interruption == []
     assert report.swept == [], "a follower waited for the lookback"
+    statements = report.workers_results.statements
+    if consumers > 1:
+        assert statements["begin_batch"] and statements["complete_batch"], (
+            f"no calls shared a round trip: {dict(statements)}"
+        )
 
 
 def test_redeliveries_racing_their_originals_are_not_handled_twice(
@@ -277,10 +287,13 @@ class OutageRun:
     mid_run: int
 
 
-def run_with_outages(name: str, run_dir: Path, outage: str, times: int) -> Iterator[OutageRun]:
-    """Four workers on a fresh database; ``times`` outages, spread through the run by
-    its progress (the i-th once i/(times + 1) of the events are handled), so that they
-    land while work is queued however fast the machine is.
+def run_with_outages(
+    name: str, run_dir: Path, outage: str, times: int, consumers: int = 1
+) -> Iterator[OutageRun]:
+    """Four workers on a fresh database, each handling ``consumers`` deliveries at once;
+    ``times`` outages, spread through the run by its progress (the i-th once
+    i/(times + 1) of the events are handled), so that they land while work is queued
+    however fast the machine is.
 
     One run serves several tests (module-scoped fixtures), each checking one thing.
     """
@@ -291,6 +304,7 @@ def run_with_outages(name: str, run_dir: Path, outage: str, times: int) -> Itera
         url=url,
         run_dir=run_dir,
         workers=4,
+        consumers=consumers,
         duplicate_fraction=0.1,
         lease_seconds=3.0,
     )
@@ -342,6 +356,28 @@ def test_every_connection_terminated_mid_run(terminated: OutageRun) -> None:
 def test_terminated_connections_fail_only_with_clear_errors(terminated: OutageRun) -> None:
     """What escapes the store while the connections are cut is StoreUnavailable."""
     assert_clear_errors(terminated)
+
+
+@pytest.fixture(scope="module")
+def terminated_in_batches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRun]:
+    """The same, with every worker handling 16 deliveries at once: the connections are
+    cut while batches of many callers' statements are in flight."""
+    run_dir = tmp_path_factory.mktemp("terminate-backends-batches")
+    yield from run_with_outages(
+        "terminate-backends-batches", run_dir, "terminate_backends", 5, consumers=16
+    )
+
+
+def test_every_connection_terminated_while_batches_are_in_flight(
+    terminated_in_batches: OutageRun,
+) -> None:
+    assert_outage_survived(terminated_in_batches)
+
+
+def test_batches_cut_off_fail_only_with_clear_errors(terminated_in_batches: OutageRun) -> None:
+    """Every caller of a batch that lost its connection hears StoreUnavailable, or its
+    call is retried; no driver error escapes."""
+    assert_clear_errors(terminated_in_batches)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """A worker process: the consumer loop a user would write, plus the final sweep.
 
-    python -m tests.fault.worker run --url URL --scope S --name w0 --queue Q --run-dir D
+    python -m tests.fault.worker run --url URL --scope S --name w0 --queue Q --run-dir D \
+        [--consumers N]
     python -m tests.fault.worker sweep --url URL --scope S --name sweep --run-dir D \
         --clock-offset-seconds 960
 
@@ -89,6 +90,8 @@ class Stats:
     lost_followers: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: list[str] = field(default_factory=list)
+    #: Statements sent, by name (``begin_batch``: one round trip for several callers).
+    statements: Counter[str] = field(default_factory=Counter)
     #: Handler calls (attempt id -> event id) that failed after they may have written
     #: their row, before the ordering marked the event seen: it will be handled again.
     interrupted: dict[str, str] = field(default_factory=dict)
@@ -103,6 +106,7 @@ class Stats:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         # A Counter is a dict to json, but asdict() would mangle it.
         data["errors"] = dict(self.errors)
+        data["statements"] = dict(self.statements)
         return json.dumps(data, indent=2, sort_keys=True)
 
 
@@ -248,28 +252,49 @@ class Worker:
     def ack(self, event: ReceivedEvent) -> None:
         self._acks.write(f"{event.id}\n")
 
-    async def run(self, queue: list[ReceivedEvent]) -> None:
+    async def run(self, queue: list[ReceivedEvent], consumers: int = 1) -> None:
+        """Deliver the queue with ``consumers`` tasks at once, as a consumer with that
+        much prefetch does (their calls then share round trips), polling for lost
+        followers now and then."""
         loop = asyncio.get_running_loop()
         pending = deque(queue)
         drained = self.run_dir / f"{self.name}.drained"
         stop = self.run_dir / "stop"
         next_poll = loop.time() + LOST_POLL_SECONDS
-        while True:
-            if loop.time() >= next_poll:
-                await self.handle_lost(pending)
-                next_poll = loop.time() + LOST_POLL_SECONDS
-            if pending:
-                drained.unlink(missing_ok=True)
-                event = pending.popleft()
-                if await self.consume(event):
-                    self.ack(event)
-                else:
-                    pending.append(event)
-                continue
-            drained.touch()
-            if stop.exists():
-                return
-            await asyncio.sleep(IDLE_SLEEP_SECONDS)
+        busy = 0  # tasks handling a delivery or polling, which may add to pending
+
+        async def consume_until_stopped() -> None:
+            nonlocal next_poll, busy
+            while True:
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + LOST_POLL_SECONDS
+                    busy += 1
+                    try:
+                        await self.handle_lost(pending)
+                    finally:
+                        busy -= 1
+                if pending:
+                    drained.unlink(missing_ok=True)
+                    event = pending.popleft()
+                    busy += 1
+                    try:
+                        done = await self.consume(event)
+                    finally:
+                        busy -= 1
+                    if done:
+                        self.ack(event)
+                    else:
+                        pending.append(event)
+                    continue
+                if not busy:
+                    drained.touch()
+                    if stop.exists():
+                        return
+                await asyncio.sleep(IDLE_SLEEP_SECONDS)
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(consumers):
+                group.create_task(consume_until_stopped())
 
     async def sweep(self) -> None:
         """The final sweep: with the clock past the lookback, hand out what is left.
@@ -320,9 +345,10 @@ async def main_async(args: argparse.Namespace) -> None:
         fail_once_on=args.fail_once_on,
     )
     worker = Worker(ordering, engine, args.name, run_dir, faults)
+    ordering.backend.listeners.append(lambda name, _sql: worker.stats.statements.update([name]))
     try:
         if args.mode == "run":
-            await worker.run(read_queue(Path(args.queue)))
+            await worker.run(read_queue(Path(args.queue)), args.consumers)
         else:
             await worker.sweep()
     finally:
@@ -341,6 +367,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--queue", help="JSON list of deliveries (run mode)")
     parser.add_argument("--lease-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--consumers", type=int, default=1, help="deliveries handled at once (run mode)"
+    )
     parser.add_argument("--clock-offset-seconds", type=float, default=0.0)
     parser.add_argument("--block-on", type=UUID, help="hang in the handler of this event")
     parser.add_argument(
