@@ -6,7 +6,11 @@ Rules:
   calls (the worker was killed, or the handler failed when the database went away,
   before the ordering marked the event seen) are told apart by their attempt id, and
   events handled again after one are counted on their own: that is the at-least-once
-  cost of a crash;
+  cost of a crash.  A worker killed at a random moment leaves calls in flight that
+  may or may not have completed (it notes each call that did, but the kill may come
+  between the commit and the note): such a call's row counts as the completed
+  handling of its event when no other call completed one and the store has the event
+  seen, else as interrupted;
 * every event was handled after its leader: every row of an event has a larger
   sequence number than the leader's completed handling;
 * nothing is left in the store's waiting_followers or processing_leases tables.
@@ -159,6 +163,8 @@ def check(
     left: LeftBehind,
     results: WorkerResults,
     killed_in_flight: set[str],
+    unsure: set[str],
+    seen: set[UUID],
     workers: int,
     redelivery_workers: int,
     duplicates: int,
@@ -169,15 +175,22 @@ def check(
     interrupted = results.interrupted | killed_in_flight
     seqs: dict[UUID, list[int]] = defaultdict(list)
     completed: dict[UUID, list[int]] = defaultdict(list)
+    maybe_completed: dict[UUID, list[int]] = defaultdict(list)
     phases: dict[UUID, list[str]] = defaultdict(list)
     for row in rows:
         seqs[row.event_id].append(row.seq)
-        broken = row.attempt in interrupted
-        if not broken:
+        if row.attempt in interrupted:
+            outcome = "/interrupted"
+        elif row.attempt in unsure:
+            outcome = "/killed"
+            maybe_completed[row.event_id].append(row.seq)
+        else:
+            outcome = ""
             completed[row.event_id].append(row.seq)
-        phases[row.event_id].append(
-            f"{row.worker}/{row.phase}/d{row.depth}" + ("/interrupted" if broken else "")
-        )
+        phases[row.event_id].append(f"{row.worker}/{row.phase}/d{row.depth}{outcome}")
+    for event_id, candidates in maybe_completed.items():
+        if not completed[event_id] and event_id in seen:
+            completed[event_id].append(candidates[0])
     missing = [e for e in event_ids if not completed[e]]
     twice = [e for e in event_ids if len(completed[e]) > 1]
     again = [e for e in event_ids if completed[e] and len(seqs[e]) > len(completed[e])]

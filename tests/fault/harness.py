@@ -46,6 +46,7 @@ SEED = int(os.environ.get("ORDERING_FAULT_SEED", "20261128"))
 SWEEP_CLOCK_OFFSET = PRECEDING_EVENT_LOOKBACK + timedelta(minutes=1)
 
 _SEEN = "SELECT 1 FROM {seen_events} WHERE scope = :scope AND event_id = :event_id"
+_ALL_SEEN = "SELECT event_id FROM {seen_events} WHERE scope = :scope"
 
 _TERMINATE_BACKENDS = text("""
 SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -113,7 +114,8 @@ class Harness:
     scope: str = field(default_factory=lambda: f"fault-{uuid.uuid4().hex[:10]}")
 
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    #: Killed workers, with the attempt id of the handler call they hung in, if any.
+    #: Killed workers, with the attempt id of the handler call they hung in; None for
+    #: one killed at a random moment, whatever it was doing.
     killed: dict[str, str | None] = field(default_factory=dict)
     db_restarts: int = 0
     workload: Workload | None = None
@@ -337,10 +339,18 @@ class Harness:
     def check(self) -> checker.Report:
         assert self.workload is not None
 
-        async def read(engine: AsyncEngine) -> tuple[list[handled.Handling], checker.LeftBehind]:
-            return await handled.read_all(engine), await checker.left_behind(engine, self.scope)
+        all_seen = text(_ALL_SEEN.format(seen_events=store_object(self.url, "seen_events")))
 
-        rows, left = run_sync(read, self.url)
+        async def read(
+            engine: AsyncEngine,
+        ) -> tuple[list[handled.Handling], checker.LeftBehind, set[UUID]]:
+            async with engine.connect() as connection:
+                found = await connection.execute(all_seen, {"scope": self.scope})
+                seen = {UUID(str(event_id)) for (event_id,) in found}
+            rows = await handled.read_all(engine)
+            return rows, await checker.left_behind(engine, self.scope), seen
+
+        rows, left, seen = run_sync(read, self.url)
         report = checker.check(
             name=self.name,
             rows=rows,
@@ -349,6 +359,8 @@ class Harness:
             left=left,
             results=checker.WorkerResults.read(self.run_dir),
             killed_in_flight={a for a in self.killed.values() if a is not None},
+            unsure=self._in_flight_when_killed(rows),
+            seen=seen,
             workers=self.workers,
             redelivery_workers=len(self.processes) - self.workers,
             duplicates=self.workload.duplicates,
@@ -358,6 +370,18 @@ class Harness:
         )
         print(report.summary())
         return report
+
+    def _in_flight_when_killed(self, rows: list[handled.Handling]) -> set[str]:
+        """The handler calls of workers killed at a random moment (not hanging in a
+        handler) that they had not noted as completed."""
+        unsure: set[str] = set()
+        for name, hung_in in self.killed.items():
+            if hung_in is not None:
+                continue
+            done_path = self.run_dir / f"{name}.done"
+            done = set(done_path.read_text().split()) if done_path.exists() else set()
+            unsure |= {r.attempt for r in rows if r.worker == name and r.attempt not in done}
+        return unsure
 
     def stop_all(self) -> None:
         """Leave no process behind, whatever happened (for the tests' finally)."""

@@ -11,6 +11,9 @@ The worker talks to the test through files in the run directory:
   or parked because it arrived early), one per line, written as it goes; what a
   killed worker had not acknowledged is redelivered to another worker, as a broker
   would.
+* ``<name>.done``: the attempt id of every handler call that went through
+  ``preceding_event_confirmed`` to the end, written as it goes (for a worker killed
+  at a random moment, the checker tells its completed calls from those in flight).
 * ``<name>.drained``: exists while its queue is empty.
 * ``<name>.blocked``: written by the handler of ``--block-on`` just before it hangs
   (event id, depth, phase), so that the test can kill the worker at exactly that
@@ -140,6 +143,7 @@ class Worker:
         self.faults = faults or Faults()
         self.stats = Stats()
         self._acks = (run_dir / f"{name}.acks").open("a", buffering=1)
+        self._done = (run_dir / f"{name}.done").open("a", buffering=1)
 
     # -- the user's code ---------------------------------------------------------
 
@@ -153,6 +157,7 @@ class Worker:
         except BaseException as exc:
             self._note_interruption(exc, event, attempt)
             raise
+        self._done.write(f"{attempt}\n")
 
     async def consume(self, event: ReceivedEvent) -> bool:
         """One delivery, as a user's consumer handles it; False: deliver it again later."""
@@ -321,6 +326,7 @@ class Worker:
 
     def close(self) -> None:
         self._acks.close()
+        self._done.close()
 
 
 def offset_clock(seconds: float) -> Callable[[], datetime]:
