@@ -43,6 +43,7 @@ from .results import WorkloadResult
 from .workloads import (
     CONCURRENT_WORKLOAD,
     PREFECT_CALLS,
+    WARM_UP_CONSUMERS,
     WORKLOADS,
     check_causal,
     consumer_label,
@@ -156,6 +157,7 @@ class RedisPeer:
     async def warm_up(self, seed: int) -> None:
         for workload in WORKLOADS:
             await self.run(workload, WARM_UP_EVENTS, seed, count=False)
+        await self._run_consumers(WARM_UP_CONSUMERS, 4 * WARM_UP_CONSUMERS, seed)
 
     async def run(
         self,

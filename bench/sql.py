@@ -17,6 +17,7 @@ from .workloads import (
     CONCURRENT_WORKLOAD,
     PER_CALL,
     PREFECT_CALLS,
+    WARM_UP_CONSUMERS,
     WORKLOADS,
     Consumer,
     check_causal,
@@ -48,14 +49,16 @@ def _always(ordering: CausalOrdering[ReceivedEvent]) -> Callable[[], Any]:
 
 
 async def warm_up(url: str, seed: int) -> None:
-    """Open the pool, check the schema and prepare every hot-path statement once, so
-    the timed runs see a warm statement cache (asyncpg prepares on first use)."""
+    """Open the pool, check the schema and prepare every hot-path statement once, the
+    batched ones included, so that the timed runs see a warm statement cache (asyncpg
+    prepares on first use)."""
     for workload in WORKLOADS:
         specs = make_specs(workload, 50, seed)
         ordering = CausalOrdering(new_scope("warmup"), url=url)
         consumer = Consumer(_always(ordering), EventArrivedEarly)
         await deliver(consumer, materialize(specs, ReceivedEvent))
         check_causal(consumer.handled, specs)
+    await run_consumers(url, "warm-up", WARM_UP_CONSUMERS, 4 * WARM_UP_CONSUMERS, seed)
 
 
 async def run_workload(

@@ -33,6 +33,12 @@ CHAIN_LENGTH = 10
 PER_CALL = "in-order, new CausalOrdering per call"
 #: In-order through the calls Prefect's triggers service makes for each message.
 PREFECT_CALLS = "in-order, Prefect's calls (seen check, new CausalOrdering per call)"
+#: Consumer tasks in the warm-up's concurrent pass, at four events each: with this many,
+#: every connection the consumers table goes on to use has sent the batched statements
+#: (a connection's first batch costs milliseconds: asyncpg looks up the array types,
+#: PostgreSQL compiles the batch functions).
+WARM_UP_CONSUMERS = 64
+
 #: The workload the consumers table runs, split among the consumer tasks.
 CONCURRENT_WORKLOAD = "independent"
 
