@@ -24,10 +24,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import DateTime, Integer, String, TextClause, bindparam, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ordering import SEEN_EXPIRATION, CausalOrdering, EventArrivedEarly, ReceivedEvent
 from ordering.causal import dispose_engines
+from ordering.engine import engine_for
 
 from .memory import maxrss_kib, rss_kib
 from .results import Growth
@@ -51,10 +52,10 @@ _NEW_ID = {"postgresql": "gen_random_uuid()", "sqlite": "lower(hex(randomblob(16
 _JSON = {"postgresql": "CAST(:event AS JSONB)", "sqlite": ":event"}
 
 
-def create_engine(url: str) -> AsyncEngine:
+def bulk_engine(url: str) -> AsyncEngine:
     """The bench's own engine for the bulk writes (the store has none to lend); in
     AUTOCOMMIT, so that each INSERT ... SELECT stays written."""
-    return create_async_engine(url, isolation_level="AUTOCOMMIT")
+    return engine_for(url, isolation_level="AUTOCOMMIT")
 
 
 def _time_type(dialect: str) -> Any:
@@ -124,7 +125,7 @@ async def _grow(
     await warm_up(url, seed)
     baseline = await run_workload(url, dialect, "in-order", events, seed)
     rss_before = rss_kib()
-    engine = create_engine(url)
+    engine = bulk_engine(url)
     scope = f"bench-growth-{uuid.uuid4().hex[:10]}"
     try:
         started = time.perf_counter()
@@ -227,7 +228,7 @@ async def _work_until(url: str, out: Any, seed: int) -> tuple[Timing, tuple[str,
 async def _prune_while_working(url: str, size: int, seed: int) -> tuple[dict[str, Any], str | None]:
     expired_at = datetime.now(UTC) - SEEN_EXPIRATION - timedelta(hours=1)
     cutoff = datetime.now(UTC) - SEEN_EXPIRATION
-    engine = create_engine(url)
+    engine = bulk_engine(url)
     scope = f"bench-prune-{uuid.uuid4().hex[:10]}"
     try:
         await preload(engine, scope, "seen", size, expired_at)

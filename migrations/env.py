@@ -17,7 +17,7 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from ordering.engine import create_engine, resolve_url
+from ordering.engine import engine_for, resolve_url
 from ordering.schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
 
 config = context.config
@@ -109,7 +109,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_engine(_url())
+    engine = engine_for(_url())
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

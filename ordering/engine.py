@@ -9,7 +9,7 @@ import os
 import re
 import weakref
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -78,14 +78,15 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """A SQLAlchemy engine on a checked URL, for migrations and schema reads.  On
-    PostgreSQL it connects as the store does (see ``asyncpg_dsn``): SQLAlchemy would
-    pass a server setting in the query to asyncpg as an unknown keyword."""
+def engine_for(url: str, **options: Any) -> AsyncEngine:
+    """A SQLAlchemy engine on a checked URL (``options`` go to ``create_async_engine``),
+    for migrations, schema reads and tools.  On PostgreSQL it connects as the store
+    does (see ``asyncpg_dsn``): SQLAlchemy would pass a server setting in the query to
+    asyncpg as an unknown keyword."""
     if not url.startswith("postgresql"):
-        return create_async_engine(url)
+        return create_async_engine(url, **options)
     dsn = asyncpg_dsn(url)
-    return create_async_engine(url, async_creator=lambda: asyncpg.connect(dsn))
+    return create_async_engine(url, async_creator=lambda: asyncpg.connect(dsn), **options)
 
 
 T = TypeVar("T")

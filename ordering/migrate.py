@@ -13,7 +13,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .engine import create_engine, resolve_url
+from .engine import engine_for, resolve_url
 from .schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -130,7 +130,7 @@ async def database_revisions(
 ) -> tuple[str | None, str | None]:
     """(the revision the database is at, the oldest code revision it serves)."""
     chosen = resolve_schema(schema)
-    engine = create_engine(resolve_url(url))
+    engine = engine_for(resolve_url(url))
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(
