@@ -1,5 +1,5 @@
 """Concurrent calls share round trips and commits: the Batcher on its own, completions
-under many consumers at once on both dialects, and PostgreSQL's begins and its
+under many consumers at once on both dialects, and PostgreSQL's begins, seen checks and
 set-based batch forms.  (SQLite's begins are not shared: one is a single statement,
 run to the end on the loop.)"""
 
@@ -272,6 +272,38 @@ async def test_postgresql_begins_at_once_share_round_trips_and_one_wins_each_eve
     )
     assert all(seen)
     await backend.clear(scope=scope)
+
+
+async def test_postgresql_seen_checks_at_once_share_a_round_trip_each_with_its_own_answer(
+    postgres_url: str, clock: MutableClock
+) -> None:
+    """Consumers that check "seen" before each event (Prefect's pattern) check at the
+    same moment: the checks share round trips, and each hears about its own event."""
+    backend = backend_for(postgres_url)
+    scope = f"batch-{uuid4().hex[:8]}"
+    now = clock()
+    seen = [uuid4() for _ in range(10)]
+    for event_id in seen:
+        await backend.record_seen(scope=scope, event_id=event_id, now=now)
+    expired, elsewhere = uuid4(), uuid4()
+    await backend.record_seen(scope=scope, event_id=expired, now=now - timedelta(hours=2))
+    await backend.record_seen(scope=f"{scope}-other", event_id=elsewhere, now=now)
+    asked = [*seen, *(uuid4() for _ in range(10)), expired, elsewhere]
+    random.Random(7).shuffle(asked)
+
+    with statements_of(backend) as log:
+        answers = await asyncio.gather(
+            *(
+                backend.seen(scope=scope, event_id=e, seen_after=now - timedelta(hours=1))
+                for e in asked
+            )
+        )
+
+    assert answers == [e in seen for e in asked]
+    assert log.count("seen_batch") >= 1, log.names
+    assert log.count("seen") + log.count("seen_batch") < len(asked)
+    await backend.clear(scope=scope)
+    await backend.clear(scope=f"{scope}-other")
 
 
 @pytest.mark.parametrize("padding", [0, 8], ids=["small", "large"])

@@ -4,7 +4,8 @@ Each operation is one statement, so one round trip and one transaction; the thre
 the hot path call the functions of schema.sql (``begin_event_v1``,
 ``complete_event_v1``, ``park_follower_v1``).  Concurrent calls of ``begin`` and
 ``complete`` share one round trip and one commit (``begin_events_v2``,
-``complete_events_v2``; see batching.py).  Statements go through asyncpg's own
+``complete_events_v2``; see batching.py), and concurrent seen checks one round trip
+(``seen_batch``).  Statements go through asyncpg's own
 prepared-statement cache.  Every connection's search_path is the store's schema, so
 neither the SQL files nor the functions name it.
 
@@ -149,6 +150,7 @@ class PostgresBackend(Backend):
         # Concurrent consumers share round trips and commits (see batching.py).
         self._begins = Batcher(self._begin, orphaned=self._give_back_orphan, max_in_flight=2)
         self._completions = Batcher(self._complete, max_in_flight=2)
+        self._seen_checks = Batcher(self._seen, max_in_flight=2)
         self._background: set[asyncio.Task[None]] = set()
 
     async def dispose(self) -> None:
@@ -208,6 +210,20 @@ class PostgresBackend(Backend):
 
     async def complete(self, request: CompleteRequest) -> list[str]:
         return await self._completions.submit(request)
+
+    async def seen(self, *, scope: str, event_id: UUID, seen_after: datetime) -> bool:
+        return await self._seen_checks.submit((scope, event_id, seen_after))
+
+    async def _seen(self, requests: Sequence[tuple[str, UUID, datetime]]) -> list[bool]:
+        if len(requests) == 1:
+            ((scope, event_id, seen_after),) = requests
+            return [await super().seen(scope=scope, event_id=event_id, seen_after=seen_after)]
+        scopes, event_ids, seen_afters = zip(*requests, strict=True)
+        rows = await self._fetch(
+            "seen_batch", scope=list(scopes), event_id=list(event_ids), seen_after=list(seen_afters)
+        )
+        seen_items = {item for (item,) in rows}
+        return [item in seen_items for item in range(1, len(requests) + 1)]
 
     async def _begin(self, requests: Sequence[BeginRequest]) -> list[Begun | Refused]:
         if len(requests) == 1:

@@ -30,6 +30,13 @@ SELECT {seen($1, $2, $4)}, {in_flight($1, $2, $3)}
 -- name: seen(scope, event_id, seen_after)
 SELECT {seen($1, $2, $3)}
 
+-- name: seen_batch(scope, event_id, seen_after)
+-- seen for many events: each parameter an array; the items (from 1) that were seen.
+SELECT a.item
+FROM unnest($1::text[], $2::uuid[], $3::timestamptz[])
+     WITH ORDINALITY AS a(scope, event_id, seen_after, item)
+WHERE {seen(a.scope, a.event_id, a.seen_after)}
+
 -- name: release(scope, event_id, owner)
 DELETE FROM processing_leases WHERE scope = $1 AND event_id = $2 AND owner = $3
 
