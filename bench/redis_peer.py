@@ -172,7 +172,7 @@ class RedisPeer:
         """One measurement: ``workload`` (in-order for ``prefect_calls``) with one
         consumer, or ``consumers`` tasks sharing the independent events."""
         if consumers is not None:
-            return await self._run_consumers(consumers, events, seed)
+            return await self._run_consumers(consumers, events, seed, prefect_calls)
         counts = None
         if count:
             counts = await self._count(workload, events, seed, prefect_calls=prefect_calls)
@@ -193,21 +193,26 @@ class RedisPeer:
             counts,
         )
 
-    async def _run_consumers(self, consumers: int, events: int, seed: int) -> WorkloadResult:
+    async def _run_consumers(
+        self, consumers: int, events: int, seed: int, prefect_calls: bool = False
+    ) -> WorkloadResult:
         """As ours: each consumer task with an instance of its own on one scope (they
         share prefect-redis's client and its connection pool)."""
         specs = make_specs(CONCURRENT_WORKLOAD, events, seed)
         scope = self._scope(CONCURRENT_WORKLOAD)
         shares = split(materialize(specs, self.model), consumers)
         tasks = [
-            make_consumer(lambda: self.ordering_class(scope), self.arrived_early) for _ in shares
+            make_consumer(
+                lambda: self.ordering_class(scope), self.arrived_early, prefect_calls=prefect_calls
+            )
+            for _ in shares
         ]
         timing = await deliver_concurrently(tasks, shares)
         check_causal([i for task in tasks for i in task.handled], specs)
         result = WorkloadResult.build(
             IMPLEMENTATION,
             None,
-            consumer_label(consumers),
+            consumer_label(consumers, prefect_calls),
             len(specs),
             timing,
             sum(task.parked for task in tasks),

@@ -10,6 +10,7 @@ from typing import Any
 
 from .profiling import render as render_profile
 from .results import BenchResults, DialectResults, WorkloadResult
+from .workloads import PREFECT_CALLS_MARK
 
 
 def _number(value: float | int | None, digits: int = 0) -> str:
@@ -143,13 +144,27 @@ def _peer_section(dialects: list[DialectResults]) -> list[str]:
 
 
 def _consumers_section(dialects: list[DialectResults]) -> list[str]:
-    """C consumer tasks in one process sharing the independent events."""
+    """C consumer tasks in one process sharing the independent events, plainly and with
+    Prefect's calls: a table each."""
+    lines: list[str] = []
+    for prefect_calls in (False, True):
+        lines += _consumers_table(dialects, prefect_calls)
+    return lines
+
+
+def _consumers_table(dialects: list[DialectResults], prefect_calls: bool) -> list[str]:
+    def kind(row: WorkloadResult) -> bool:
+        return PREFECT_CALLS_MARK in row.workload
+
     rows = []
     for d in dialects:
-        theirs = {r.consumers: r for r in d.peer if r.consumers is not None}
-        ours_one = next((r.events_per_s for r in d.concurrency if r.consumers == 1), None)
+        ours_rows = [r for r in d.concurrency if kind(r) == prefect_calls]
+        theirs = {
+            r.consumers: r for r in d.peer if r.consumers is not None and kind(r) == prefect_calls
+        }
+        ours_one = next((r.events_per_s for r in ours_rows if r.consumers == 1), None)
         peer_one = theirs[1].events_per_s if 1 in theirs else None
-        for ours in d.concurrency:
+        for ours in ours_rows:
             peer = theirs.get(ours.consumers or 0)
             rows.append(
                 [
@@ -168,8 +183,9 @@ def _consumers_section(dialects: list[DialectResults]) -> list[str]:
             )
     if not rows:
         return []
+    what = "independent, Prefect's calls" if prefect_calls else "independent"
     header = [
-        "consumer tasks, one process (independent)",
+        f"consumer tasks, one process ({what})",
         "consumers",
         "events",
         "ours events/s",

@@ -38,7 +38,7 @@ from .limits import postgres_limits, sqlite_limits
 from .report import markdown, write_json
 from .results import BenchResults, DialectResults, Limits, WorkloadResult
 from .sql import PER_CALL, measure_construction, run_consumers, run_workload, warm_up
-from .workloads import PREFECT_CALLS, WORKLOADS
+from .workloads import PREFECT_CALLS, WORKLOADS, consumer_label
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 DIALECTS = ("sqlite", "postgresql")
@@ -157,7 +157,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[1, 4, 16, 64],
         metavar="C,C,...",
         help="concurrent consumer tasks in one process sharing the independent events, "
-        "for ours and the Redis peer (default 1,4,16,64; 0 skips)",
+        "for ours and the Redis peer, plainly and with Prefect's calls (default 1,4,16,64; "
+        "0 skips)",
     )
     parser.add_argument(
         "--redis-url",
@@ -405,17 +406,19 @@ async def _measure(
                     prefect_calls=True,
                 )
             )
-        for consumers in args.consumers:
-            results.concurrency.append(
-                await paired(
-                    f"{consumers} consumer task(s)",
-                    lambda c=consumers: run_consumers(  # type: ignore[misc]
-                        url, dialect, c, args.events, args.seed
-                    ),
-                    workload="independent",
-                    consumers=consumers,
+        for prefect_calls in (False, True):
+            for consumers in args.consumers:
+                results.concurrency.append(
+                    await paired(
+                        consumer_label(consumers, prefect_calls),
+                        lambda c=consumers, p=prefect_calls: run_consumers(  # type: ignore[misc]
+                            url, dialect, c, args.events, args.seed, p
+                        ),
+                        workload="independent",
+                        consumers=consumers,
+                        prefect_calls=prefect_calls,
+                    )
                 )
-            )
         if dialect == "postgresql":
             notes.append(await _durability(url))
         results.construction = await measure_construction(url, results.dialect, args.constructions)

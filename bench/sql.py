@@ -144,23 +144,27 @@ async def _count_statements(
 
 
 async def run_consumers(
-    url: str, dialect: str, consumers: int, events: int, seed: int
+    url: str, dialect: str, consumers: int, events: int, seed: int, prefect_calls: bool = False
 ) -> WorkloadResult:
     """``events`` independent events split among ``consumers`` tasks of this event loop,
     each with a CausalOrdering of its own on one scope (instances on one URL share
-    the backend and its pool), delivering its share one event after another."""
+    the backend and its pool), delivering its share one event after another; with
+    ``prefect_calls``, each event as Prefect's services deliver it (see make_consumer)."""
     specs = make_specs(CONCURRENT_WORKLOAD, events, seed)
     scope = new_scope(CONCURRENT_WORKLOAD)
     shares = split(materialize(specs, ReceivedEvent), consumers)
     tasks = [
-        make_consumer(lambda: CausalOrdering(scope, url=url), EventArrivedEarly) for _ in shares
+        make_consumer(
+            lambda: CausalOrdering(scope, url=url), EventArrivedEarly, prefect_calls=prefect_calls
+        )
+        for _ in shares
     ]
     timing = await deliver_concurrently(tasks, shares)
     check_causal([i for task in tasks for i in task.handled], specs)
     result = WorkloadResult.build(
         "ordering",
         dialect,
-        consumer_label(consumers),
+        consumer_label(consumers, prefect_calls),
         len(specs),
         timing,
         sum(task.parked for task in tasks),

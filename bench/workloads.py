@@ -43,8 +43,13 @@ WARM_UP_CONSUMERS = 64
 CONCURRENT_WORKLOAD = "independent"
 
 
-def consumer_label(consumers: int) -> str:
-    return f"{CONCURRENT_WORKLOAD}, {consumers} consumer{'s' if consumers != 1 else ''}"
+#: In the label of a consumers run whose tasks make Prefect's calls.
+PREFECT_CALLS_MARK = "Prefect's calls"
+
+
+def consumer_label(consumers: int, prefect_calls: bool = False) -> str:
+    calls = f", {PREFECT_CALLS_MARK}" if prefect_calls else ""
+    return f"{CONCURRENT_WORKLOAD}{calls}, {consumers} consumer{'s' if consumers != 1 else ''}"
 
 
 @dataclass(frozen=True)
