@@ -1,5 +1,6 @@
 """Seen events and processing leases: seen expiry, exclusive leases, take-over of an
-expired lease, release on every way out of a body, and the SQLite specifics."""
+expired lease, release on every way out of a body, the connections kept between
+operations, and the SQLite specifics."""
 
 from __future__ import annotations
 
@@ -323,6 +324,51 @@ async def test_orderings_built_per_event_share_one_store_and_open_nothing(
     assert len({id(o.backend) for o in orderings}) == 1
     assert len({id(o.backend.connections) for o in orderings}) == 1
     assert len(_registry.current()) == 1
+
+
+async def _burst(connections: Any, size: int) -> None:
+    """``size`` operations at once, each holding its connection for a moment."""
+
+    async def hold() -> None:
+        async with connections.held():
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(*(hold() for _ in range(size)))
+
+
+async def test_connections_opened_for_a_burst_serve_the_next_one(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More operations at once than the pool used to keep idle: the connections they
+    opened stay open for the next burst rather than being closed and opened again."""
+    connections = CausalOrdering("pool", url=db_url).backend.connections
+    opened = 0
+    connect = connections.connect
+
+    async def counted() -> Any:
+        nonlocal opened
+        opened += 1
+        return await connect()
+
+    monkeypatch.setattr(connections, "connect", counted)
+    await _burst(connections, 25)
+    after_first = opened
+    await _burst(connections, 25)
+    assert after_first > 10
+    assert opened == after_first
+    assert connections.idle >= 25
+
+
+async def test_connections_unused_for_a_while_are_closed(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connections = CausalOrdering("pool", url=db_url).backend.connections
+    monkeypatch.setattr(connections, "idle_seconds", 0.2)
+    await _burst(connections, 12)
+    assert connections.idle >= 12
+    await asyncio.sleep(0.3)
+    await _burst(connections, 1)  # giving it back closes the ones unused since
+    assert connections.idle == 1
 
 
 async def test_postgresql_completions_are_durable_unless_the_url_trades_it(

@@ -31,6 +31,7 @@ import abc
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -311,8 +312,14 @@ class Backend(abc.ABC):
 
 
 class Connections(Generic[C], abc.ABC):
-    """Connections of one backend: a few kept open between operations, a bounded
-    number in use at once, and every operation run with bounded retries.
+    """Connections of one backend: at most ``max_connections`` in use at once, every
+    operation run with bounded retries, and those opened kept between operations until
+    one goes unused for ``idle_seconds``.
+
+    Keeping them matters under concurrency: a new connection costs a connect, and its
+    first statements a prepare each and a lookup of their array types (milliseconds),
+    so a pool that closed what it could not keep idle would open and close connections
+    all the time once more operations run at once than it keeps.
 
     Subclasses say how to open and close a connection and how to read the driver's
     errors; nothing else in the package opens one.
@@ -326,14 +333,16 @@ class Connections(Generic[C], abc.ABC):
         backoff: float = 0.05,
         backoff_max: float = 2.0,
         max_connections: int = 30,
-        idle_connections: int = 10,
+        idle_seconds: float = 60.0,
     ) -> None:
         self.url = url
         self.retries = retries
         self.backoff = backoff
         self.backoff_max = backoff_max
-        self.idle_connections = idle_connections
-        self._idle: list[C] = []
+        self.idle_seconds = idle_seconds
+        #: Open connections not in use, each with when it was given back; the most
+        #: recently used last, so the ones at the front are those unused longest.
+        self._idle: list[tuple[C, float]] = []
         self._slots = asyncio.Semaphore(max_connections)
         self.before_first_use: Callable[[], Awaitable[None]] | None = None
 
@@ -364,23 +373,32 @@ class Connections(Generic[C], abc.ABC):
     def safe_url(self) -> str: ...
 
     # the pool
+    @property
+    def idle(self) -> int:
+        """How many connections are open and not in use."""
+        return len(self._idle)
+
     async def _acquire(self) -> C:
         while self._idle:
-            connection = self._idle.pop()
+            connection, _ = self._idle.pop()
             if self.is_usable(connection):
                 return connection
             await self.close(connection)
         return await self.connect()
 
     async def _give_back(self, connection: C) -> None:
-        if len(self._idle) < self.idle_connections and self.is_usable(connection):
-            self._idle.append(connection)
+        now = time.monotonic()
+        if self.is_usable(connection):
+            self._idle.append((connection, now))
         else:
             await self.close(connection)
+        while self._idle and self._idle[0][1] < now - self.idle_seconds:
+            unused, _ = self._idle.pop(0)
+            await self.close(unused)
 
     async def close_idle(self) -> None:
         idle, self._idle = self._idle, []
-        for connection in idle:
+        for connection, _ in idle:
             await self.close(connection)
 
     @asynccontextmanager

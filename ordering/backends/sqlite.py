@@ -213,10 +213,6 @@ class SqliteBackend(Backend):
         self.queries = queries or sql.queries("sqlite")
         self.code_revision = code_revision
         self.listeners: list[StatementListener] = []
-        # Operations on the loop's thread hold a connection only while they run, so a
-        # few suffice; keep every one that was opened (opening one costs more than an
-        # operation).
-        options.setdefault("idle_connections", options.get("max_connections", 30))
         self.connections = SqliteConnections(url, **options)
         self.connections.before_first_use = self.check_schema
         self.writers = frozenset(
