@@ -509,8 +509,9 @@ class CausalOrdering(Generic[E]):
     async def _wait_for_in_flight(self, event: OrderedEvent, leader: UUID) -> bool:
         """Wait while the leader is being processed; True once it has been seen.
 
-        On PostgreSQL the leader's completion wakes us (LISTEN/NOTIFY); polling every
-        ``poll_interval`` stays as the fallback, and is all there is on SQLite.
+        The leader's completion wakes us: on PostgreSQL through LISTEN/NOTIFY, on
+        SQLite when it completes in this process.  Polling every ``poll_interval``
+        stays as the fallback (and finds a completion in another SQLite process).
         """
         backend = self.backend
         loop = asyncio.get_running_loop()
@@ -518,7 +519,7 @@ class CausalOrdering(Generic[E]):
         async with backend.leader_waiter(
             scope=self.scope, leader_id=leader, notify=self.notify
         ) as waiter:
-            if waiter.notified_by_database and not await backend.mark_waiting(
+            if waiter.woken_by_completion and not await backend.mark_waiting(
                 scope=self.scope, leader_id=leader, now=self._now()
             ):
                 return await self.event_has_been_seen(leader)  # no live lease any more

@@ -1,4 +1,5 @@
-"""Waking followers that wait for a leader in flight: LISTEN/NOTIFY on PostgreSQL.
+"""Waking followers that wait for a leader in flight: LISTEN/NOTIFY on PostgreSQL
+(on SQLite, a completion wakes the waiters of its own process: see sqlite.py).
 
 A notification is only a hint.  Waiters keep polling at their poll interval as well,
 so a notification lost with a dropped connection costs one interval, never an event.
@@ -11,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ class Waiter:
         self._woken = woken
 
     @property
-    def notified_by_database(self) -> bool:
+    def woken_by_completion(self) -> bool:
+        """The leader's completion wakes this waiter (else it only polls)."""
         return self._woken is not None
 
     async def wait(self, seconds: float) -> None:
@@ -39,6 +41,34 @@ class Waiter:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), seconds)
         self._woken.clear()
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Wakeups(Generic[K]):
+    """Waiters by key: ``registered(key)`` gives a waiter its event for as long as it
+    waits, ``wake(key)`` sets the events of everyone waiting on the key."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[K, set[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def registered(self, key: K) -> Iterator[asyncio.Event]:
+        woken = asyncio.Event()
+        self._waiting.setdefault(key, set()).add(woken)
+        try:
+            yield woken
+        finally:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(woken)
+                if not waiting:
+                    del self._waiting[key]
+
+    def wake(self, key: K) -> None:
+        for woken in self._waiting.get(key, ()):
+            woken.set()
 
 
 class Notifications:
@@ -51,7 +81,7 @@ class Notifications:
     def __init__(self, connect: Callable[[], Awaitable[Any]]) -> None:
         self._connect = connect
         self._driver: Any = None
-        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._wakeups: Wakeups[str] = Wakeups()
         self._lock = asyncio.Lock()
 
     async def _listening(self) -> bool:
@@ -79,8 +109,7 @@ class Notifications:
             return True
 
     def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
-        for woken in self._waiting.get(payload, ()):
-            woken.set()
+        self._wakeups.wake(payload)
 
     @asynccontextmanager
     async def waiter(self, scope: str, event_id: UUID) -> AsyncIterator[Waiter]:
@@ -89,17 +118,8 @@ class Notifications:
         if not await self._listening():
             yield Waiter(None)
             return
-        key = f"{scope}/{event_id}"
-        woken = asyncio.Event()
-        self._waiting.setdefault(key, set()).add(woken)
-        try:
+        with self._wakeups.registered(f"{scope}/{event_id}") as woken:
             yield Waiter(woken)
-        finally:
-            waiting = self._waiting.get(key)
-            if waiting is not None:
-                waiting.discard(woken)
-                if not waiting:
-                    del self._waiting[key]
 
     async def _close_connection(self) -> None:
         driver, self._driver = self._driver, None

@@ -335,17 +335,17 @@ async def test_the_lease_is_held_only_inside(ordering: Ordering, clock: MutableC
     assert await ordering.event_has_been_seen(event)
 
 
-async def test_postgres_wakes_a_waiting_follower_without_polling(
+async def test_the_leaders_completion_wakes_its_waiting_follower(
     db_url: str, clock: MutableClock, scope: str
 ) -> None:
-    """On PostgreSQL the leader's completion notifies the follower waiting on it, so a
-    follower with a 30-second poll interval still goes on at once; SQLite polls."""
-    postgres = db_url.startswith("postgresql")
+    """The leader's completion wakes the follower waiting on it (on PostgreSQL through
+    LISTEN/NOTIFY, on SQLite within the process), so a follower with a 30-second poll
+    interval still goes on at once."""
     ordering = CausalOrdering(
         scope,
         url=db_url,
         clock=clock,
-        poll_interval=30.0 if postgres else 0.05,
+        poll_interval=30.0,
         in_flight_event_timeout=timedelta(seconds=60),
     )
     leader = make_event(clock, name="leader")
@@ -355,12 +355,9 @@ async def test_postgres_wakes_a_waiting_follower_without_polling(
     task = await _leader_in_flight(ordering, consumer, leader, leader_may_finish)
     with statements_of(ordering.backend) as sent:
         follower_task = asyncio.create_task(consumer.consume(follower))
-        if postgres:  # the follower marked the lease, and waits to be notified
-            await eventually(
-                lambda: _marked_by_a_waiter(ordering, leader), what="the follower to mark"
-            )
-        else:  # the follower polls
-            await eventually(lambda: sent.count("leader_status") >= 2, what="the follower to poll")
+        await eventually(lambda: sent.count("mark_waiting") >= 1, what="the follower to wait")
+    if db_url.startswith("postgresql"):  # marked, so that the completion notifies
+        await eventually(lambda: _marked_by_a_waiter(ordering, leader), what="the mark")
     assert not follower_task.done()
     leader_may_finish.set()
     await task

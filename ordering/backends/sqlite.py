@@ -39,7 +39,7 @@ from uuid import UUID
 from sqlalchemy.engine import make_url
 
 from .. import sql
-from ..notify import Waiter
+from ..notify import Waiter, Wakeups
 from ..schema import CODE_REVISION
 from .base import (
     Backend,
@@ -223,6 +223,10 @@ class SqliteBackend(Backend):
         # Completions asked for while another one yields to the loop share the next
         # transaction (see batching.py and _run).
         self._completions = Batcher(self._complete)
+        #: This process's followers waiting for a leader in flight, by (scope, leader):
+        #: the leader's completion (or parking) here wakes them; one in another process
+        #: is found by their polling.
+        self._wakeups: Wakeups[tuple[str, UUID]] = Wakeups()
 
     async def dispose(self) -> None:
         if self._checkpointing is not None:
@@ -356,7 +360,10 @@ class SqliteBackend(Backend):
         def work(execute: Execute) -> list[list[str]]:
             return [_complete_one(execute, request) for request in requests]
 
-        return await self._run(work, write=True)
+        released = await self._run(work, write=True)
+        for request in requests:
+            self._wake(request.scope, request.event_id)
+        return released
 
     async def park(self, request: ParkRequest) -> bool:
         scope, event_id, owner = request.scope, request.event_id, request.lease_owner
@@ -384,7 +391,10 @@ class SqliteBackend(Backend):
                 execute("release", {"scope": scope, "event_id": event_id, "owner": owner})
             return True
 
-        return await self._run(work, write=True)
+        parked = await self._run(work, write=True)
+        if parked:
+            self._wake(scope, event_id)  # no longer in flight: its own waiters park too
+        return parked
 
     # -- leases and leaders ---------------------------------------------------------
 
@@ -400,7 +410,15 @@ class SqliteBackend(Backend):
     def leader_waiter(
         self, *, scope: str, leader_id: UUID, notify: bool
     ) -> AbstractAsyncContextManager[Waiter]:
-        return _polling()  # SQLite cannot tell other processes: waiters poll
+        return self._waiter((scope, leader_id)) if notify else _polling()
+
+    @asynccontextmanager
+    async def _waiter(self, key: tuple[str, UUID]) -> AsyncIterator[Waiter]:
+        with self._wakeups.registered(key) as woken:
+            yield Waiter(woken)
+
+    def _wake(self, scope: str, event_id: UUID) -> None:
+        self._wakeups.wake((scope, event_id))
 
     # -- followers ------------------------------------------------------------------
 
