@@ -50,7 +50,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--consumers",
         default="1",
-        help="consumer tasks sharing the independent events, comma-separated (default 1)",
+        help="consumer tasks sharing independent events, comma-separated (default 1)",
     )
     parser.add_argument("--events", type=int, default=1000, help="N (default 1000)")
     parser.add_argument("--pg-url", default=None, help="as for python -m bench")

@@ -41,7 +41,6 @@ from urllib.parse import unquote, urlsplit
 from .counting import Counts
 from .results import WorkloadResult
 from .workloads import (
-    CONCURRENT_WORKLOAD,
     PREFECT_CALLS,
     WARM_UP_CONSUMERS,
     WORKLOADS,
@@ -52,6 +51,7 @@ from .workloads import (
     make_consumer,
     make_specs,
     materialize,
+    share_handled,
     split,
 )
 
@@ -157,7 +157,7 @@ class RedisPeer:
     async def warm_up(self, seed: int) -> None:
         for workload in WORKLOADS:
             await self.run(workload, WARM_UP_EVENTS, seed, count=False)
-        await self._run_consumers(WARM_UP_CONSUMERS, 4 * WARM_UP_CONSUMERS, seed)
+        await self._run_consumers(WARM_UP_CONSUMERS, "independent", 4 * WARM_UP_CONSUMERS, seed)
 
     async def run(
         self,
@@ -170,9 +170,9 @@ class RedisPeer:
         count: bool = True,
     ) -> WorkloadResult:
         """One measurement: ``workload`` (in-order for ``prefect_calls``) with one
-        consumer, or ``consumers`` tasks sharing the independent events."""
+        consumer, or ``consumers`` tasks sharing the events."""
         if consumers is not None:
-            return await self._run_consumers(consumers, events, seed, prefect_calls)
+            return await self._run_consumers(consumers, workload, events, seed, prefect_calls)
         counts = None
         if count:
             counts = await self._count(workload, events, seed, prefect_calls=prefect_calls)
@@ -194,12 +194,12 @@ class RedisPeer:
         )
 
     async def _run_consumers(
-        self, consumers: int, events: int, seed: int, prefect_calls: bool = False
+        self, consumers: int, workload: str, events: int, seed: int, prefect_calls: bool = False
     ) -> WorkloadResult:
         """As ours: each consumer task with an instance of its own on one scope (they
         share prefect-redis's client and its connection pool)."""
-        specs = make_specs(CONCURRENT_WORKLOAD, events, seed)
-        scope = self._scope(CONCURRENT_WORKLOAD)
+        specs = make_specs(workload, events, seed)
+        scope = self._scope(workload)
         shares = split(materialize(specs, self.model), consumers)
         tasks = [
             make_consumer(
@@ -207,12 +207,13 @@ class RedisPeer:
             )
             for _ in shares
         ]
+        handled = share_handled(tasks)
         timing = await deliver_concurrently(tasks, shares)
-        check_causal([i for task in tasks for i in task.handled], specs)
+        check_causal(handled, specs)
         result = WorkloadResult.build(
             IMPLEMENTATION,
             None,
-            consumer_label(consumers, prefect_calls),
+            consumer_label(consumers, workload, prefect_calls),
             len(specs),
             timing,
             sum(task.parked for task in tasks),

@@ -10,7 +10,7 @@ from typing import Any
 
 from .profiling import render as render_profile
 from .results import BenchResults, DialectResults, WorkloadResult
-from .workloads import PREFECT_CALLS_MARK
+from .workloads import CONSUMER_RUNS, consumer_kind, kind_of
 
 
 def _number(value: float | int | None, digits: int = 0) -> str:
@@ -144,23 +144,22 @@ def _peer_section(dialects: list[DialectResults]) -> list[str]:
 
 
 def _consumers_section(dialects: list[DialectResults]) -> list[str]:
-    """C consumer tasks in one process sharing the independent events, plainly and with
-    Prefect's calls: a table each."""
+    """C consumer tasks in one process sharing the events: a table for each of
+    CONSUMER_RUNS."""
     lines: list[str] = []
-    for prefect_calls in (False, True):
-        lines += _consumers_table(dialects, prefect_calls)
+    for workload, prefect_calls in CONSUMER_RUNS:
+        lines += _consumers_table(dialects, consumer_kind(workload, prefect_calls))
     return lines
 
 
-def _consumers_table(dialects: list[DialectResults], prefect_calls: bool) -> list[str]:
-    def kind(row: WorkloadResult) -> bool:
-        return PREFECT_CALLS_MARK in row.workload
-
+def _consumers_table(dialects: list[DialectResults], kind: str) -> list[str]:
     rows = []
     for d in dialects:
-        ours_rows = [r for r in d.concurrency if kind(r) == prefect_calls]
+        ours_rows = [r for r in d.concurrency if kind_of(r.workload) == kind]
         theirs = {
-            r.consumers: r for r in d.peer if r.consumers is not None and kind(r) == prefect_calls
+            r.consumers: r
+            for r in d.peer
+            if r.consumers is not None and kind_of(r.workload) == kind
         }
         ours_one = next((r.events_per_s for r in ours_rows if r.consumers == 1), None)
         peer_one = theirs[1].events_per_s if 1 in theirs else None
@@ -183,9 +182,8 @@ def _consumers_table(dialects: list[DialectResults], prefect_calls: bool) -> lis
             )
     if not rows:
         return []
-    what = "independent, Prefect's calls" if prefect_calls else "independent"
     header = [
-        f"consumer tasks, one process ({what})",
+        f"consumer tasks, one process ({kind})",
         "consumers",
         "events",
         "ours events/s",

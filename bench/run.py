@@ -38,7 +38,7 @@ from .limits import postgres_limits, sqlite_limits
 from .report import markdown, write_json
 from .results import BenchResults, DialectResults, Limits, WorkloadResult
 from .sql import PER_CALL, measure_construction, run_consumers, run_workload, warm_up
-from .workloads import PREFECT_CALLS, WORKLOADS, consumer_label
+from .workloads import CONSUMER_RUNS, PREFECT_CALLS, WORKLOADS, consumer_label
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 DIALECTS = ("sqlite", "postgresql")
@@ -156,9 +156,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_consumer_counts,
         default=[1, 4, 16, 64],
         metavar="C,C,...",
-        help="concurrent consumer tasks in one process sharing the independent events, "
-        "for ours and the Redis peer, plainly and with Prefect's calls (default 1,4,16,64; "
-        "0 skips)",
+        help="concurrent consumer tasks in one process sharing the events, for ours and the "
+        "Redis peer: independent events, the same with Prefect's calls, and jumbled chains "
+        "(default 1,4,16,64; 0 skips)",
     )
     parser.add_argument(
         "--redis-url",
@@ -406,15 +406,15 @@ async def _measure(
                     prefect_calls=True,
                 )
             )
-        for prefect_calls in (False, True):
+        for workload, prefect_calls in CONSUMER_RUNS:
             for consumers in args.consumers:
                 results.concurrency.append(
                     await paired(
-                        consumer_label(consumers, prefect_calls),
-                        lambda c=consumers, p=prefect_calls: run_consumers(  # type: ignore[misc]
-                            url, dialect, c, args.events, args.seed, p
+                        consumer_label(consumers, workload, prefect_calls),
+                        lambda c=consumers, w=workload, p=prefect_calls: run_consumers(  # type: ignore[misc]
+                            url, dialect, c, args.events, args.seed, w, p
                         ),
-                        workload="independent",
+                        workload=workload,
                         consumers=consumers,
                         prefect_calls=prefect_calls,
                     )

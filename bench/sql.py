@@ -14,7 +14,6 @@ from .counting import Counts, counter_for, live_shared_objects, shared_accessor
 from .cpu import ServerCpu, process_cpu_s
 from .results import Construction, WorkloadResult
 from .workloads import (
-    CONCURRENT_WORKLOAD,
     PER_CALL,
     PREFECT_CALLS,
     WARM_UP_CONSUMERS,
@@ -27,6 +26,7 @@ from .workloads import (
     make_consumer,
     make_specs,
     materialize,
+    share_handled,
     split,
 )
 
@@ -144,14 +144,20 @@ async def _count_statements(
 
 
 async def run_consumers(
-    url: str, dialect: str, consumers: int, events: int, seed: int, prefect_calls: bool = False
+    url: str,
+    dialect: str,
+    consumers: int,
+    events: int,
+    seed: int,
+    workload: str = "independent",
+    prefect_calls: bool = False,
 ) -> WorkloadResult:
-    """``events`` independent events split among ``consumers`` tasks of this event loop,
+    """``events`` of ``workload`` split among ``consumers`` tasks of this event loop,
     each with a CausalOrdering of its own on one scope (instances on one URL share
     the backend and its pool), delivering its share one event after another; with
     ``prefect_calls``, each event as Prefect's services deliver it (see make_consumer)."""
-    specs = make_specs(CONCURRENT_WORKLOAD, events, seed)
-    scope = new_scope(CONCURRENT_WORKLOAD)
+    specs = make_specs(workload, events, seed)
+    scope = new_scope(workload)
     shares = split(materialize(specs, ReceivedEvent), consumers)
     tasks = [
         make_consumer(
@@ -159,12 +165,13 @@ async def run_consumers(
         )
         for _ in shares
     ]
+    handled = share_handled(tasks)
     timing = await deliver_concurrently(tasks, shares)
-    check_causal([i for task in tasks for i in task.handled], specs)
+    check_causal(handled, specs)
     result = WorkloadResult.build(
         "ordering",
         dialect,
-        consumer_label(consumers, prefect_calls),
+        consumer_label(consumers, workload, prefect_calls),
         len(specs),
         timing,
         sum(task.parked for task in tasks),

@@ -39,17 +39,27 @@ PREFECT_CALLS = "in-order, Prefect's calls (seen check, new CausalOrdering per c
 #: PostgreSQL compiles the batch functions).
 WARM_UP_CONSUMERS = 64
 
-#: The workload the consumers table runs, split among the consumer tasks.
-CONCURRENT_WORKLOAD = "independent"
+#: What the consumers tables run, each split among C consumer tasks: (workload, whether
+#: each task makes Prefect's calls).
+CONSUMER_RUNS: tuple[tuple[str, bool], ...] = (
+    ("independent", False),
+    ("independent", True),
+    ("jumbled", False),
+)
 
 
-#: In the label of a consumers run whose tasks make Prefect's calls.
-PREFECT_CALLS_MARK = "Prefect's calls"
+def consumer_kind(workload: str, prefect_calls: bool) -> str:
+    return f"{workload}, Prefect's calls" if prefect_calls else workload
 
 
-def consumer_label(consumers: int, prefect_calls: bool = False) -> str:
-    calls = f", {PREFECT_CALLS_MARK}" if prefect_calls else ""
-    return f"{CONCURRENT_WORKLOAD}{calls}, {consumers} consumer{'s' if consumers != 1 else ''}"
+def consumer_label(consumers: int, workload: str, prefect_calls: bool) -> str:
+    plural = "s" if consumers != 1 else ""
+    return f"{consumer_kind(workload, prefect_calls)}, {consumers} consumer{plural}"
+
+
+def kind_of(label: str) -> str:
+    """A consumers run's label without its count of consumers."""
+    return label.rsplit(", ", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,15 @@ async def deliver(
     if profiler is not None:
         profiler.disable()
     return Timing((finished - started) / 1e9, latencies, starts)
+
+
+def share_handled(consumers: Sequence[Consumer]) -> list[UUID]:
+    """One list of handled events for all the consumers, in the order they were
+    handled, for check_causal."""
+    handled: list[UUID] = []
+    for consumer in consumers:
+        consumer.handled = handled
+    return handled
 
 
 def split(events: Sequence[Any], consumers: int) -> list[list[Any]]:
