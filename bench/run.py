@@ -356,7 +356,20 @@ async def _measure(
         turn += 1
 
         async def theirs() -> None:
-            row = await peer.run(events=args.events, seed=args.seed, **peer_run)
+            try:
+                row = await peer.run(events=args.events, seed=args.seed, **peer_run)
+            except Exception as exc:  # the peer's own failure: say so, measure on
+                while isinstance(exc, ExceptionGroup):  # from the consumer tasks
+                    exc = exc.exceptions[0]
+                event = getattr(exc, "event", None)
+                what = (
+                    f"event {event.id}"
+                    if event is not None and hasattr(event, "id")
+                    else (str(exc).strip().splitlines() or [""])[0][:200]
+                )
+                failure = f"{type(exc).__name__} ({what})"
+                results.notes.append(f"prefect-redis FAILED on {label}: {failure}")
+                return
             row.dialect = None
             results.peer.append(row)
 
