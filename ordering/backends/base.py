@@ -314,7 +314,7 @@ class Backend(abc.ABC):
 class Connections(Generic[C], abc.ABC):
     """Connections of one backend: at most ``max_connections`` in use at once, every
     operation run with bounded retries, and those opened kept between operations until
-    one goes unused for ``idle_seconds``.
+    they go unused for ``idle_seconds``.
 
     Keeping them matters under concurrency: a new connection costs a connect, and its
     first statements a prepare each and a lookup of their array types (milliseconds),
@@ -343,6 +343,8 @@ class Connections(Generic[C], abc.ABC):
         #: Open connections not in use, each with when it was given back; the most
         #: recently used last, so the ones at the front are those unused longest.
         self._idle: list[tuple[C, float]] = []
+        self._closing_timer: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_connections)
         self.before_first_use: Callable[[], Awaitable[None]] | None = None
 
@@ -387,16 +389,37 @@ class Connections(Generic[C], abc.ABC):
         return await self.connect()
 
     async def _give_back(self, connection: C) -> None:
-        now = time.monotonic()
         if self.is_usable(connection):
-            self._idle.append((connection, now))
+            self._idle.append((connection, time.monotonic()))
+            self._close_unused_later()
         else:
             await self.close(connection)
-        while self._idle and self._idle[0][1] < now - self.idle_seconds:
+
+    def _close_unused_later(self) -> None:
+        """Close the connections left unused for ``idle_seconds``, even if no operation
+        comes to give one back: one timer at a time, while any connection is idle."""
+        if self._closing_timer is None and self._idle:
+            self._closing_timer = asyncio.get_running_loop().call_later(
+                self.idle_seconds, self._closing_due
+            )
+
+    def _closing_due(self) -> None:
+        self._closing_timer = None
+        task = asyncio.get_running_loop().create_task(self._close_unused())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_unused(self) -> None:
+        cutoff = time.monotonic() - self.idle_seconds
+        while self._idle and self._idle[0][1] <= cutoff:
             unused, _ = self._idle.pop(0)
             await self.close(unused)
+        self._close_unused_later()
 
     async def close_idle(self) -> None:
+        if self._closing_timer is not None:
+            self._closing_timer.cancel()
+            self._closing_timer = None
         idle, self._idle = self._idle, []
         for connection, _ in idle:
             await self.close(connection)
