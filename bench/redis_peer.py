@@ -45,14 +45,11 @@ from .workloads import (
     WARM_UP_CONSUMERS,
     WORKLOADS,
     check_causal,
-    consumer_label,
     deliver,
-    deliver_concurrently,
+    deliver_among_consumers,
     make_consumer,
     make_specs,
     materialize,
-    share_handled,
-    split,
 )
 
 MODULE = "prefect_redis.ordering"
@@ -198,29 +195,18 @@ class RedisPeer:
     ) -> WorkloadResult:
         """As ours: each consumer task with an instance of its own on one scope (they
         share prefect-redis's client and its connection pool)."""
-        specs = make_specs(workload, events, seed)
         scope = self._scope(workload)
-        shares = split(materialize(specs, self.model), consumers)
-        tasks = [
-            make_consumer(
-                lambda: self.ordering_class(scope), self.arrived_early, prefect_calls=prefect_calls
-            )
-            for _ in shares
-        ]
-        handled = share_handled(tasks)
-        timing = await deliver_concurrently(tasks, shares)
-        check_causal(handled, specs)
-        result = WorkloadResult.build(
-            IMPLEMENTATION,
-            None,
-            consumer_label(consumers, workload, prefect_calls),
-            len(specs),
-            timing,
-            sum(task.parked for task in tasks),
-            None,
+        run = await deliver_among_consumers(
+            lambda: self.ordering_class(scope),
+            self.arrived_early,
+            self.model,
+            consumers=consumers,
+            workload=workload,
+            events=events,
+            seed=seed,
+            prefect_calls=prefect_calls,
         )
-        result.consumers = consumers
-        return result
+        return WorkloadResult.of_consumers(IMPLEMENTATION, None, run)
 
     async def _count(self, workload: str, events: int, seed: int, *, prefect_calls: bool) -> Counts:
         scope = self._scope(workload)

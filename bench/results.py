@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .counting import Counts
-from .workloads import Timing, percentile
+from .workloads import ConsumersRun, Timing, percentile
 
 
 @dataclass
@@ -37,6 +37,16 @@ class WorkloadResult:
     counting: str = ""
     #: concurrent consumer tasks in the process (the consumers table)
     consumers: int | None = None
+
+    @classmethod
+    def of_consumers(
+        cls, implementation: str, dialect: str | None, run: ConsumersRun
+    ) -> WorkloadResult:
+        result = cls.build(
+            implementation, dialect, run.label, run.events, run.timing, run.parked, None
+        )
+        result.consumers = run.consumers
+        return result
 
     @classmethod
     def build(

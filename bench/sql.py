@@ -20,14 +20,11 @@ from .workloads import (
     WORKLOADS,
     Consumer,
     check_causal,
-    consumer_label,
     deliver,
-    deliver_concurrently,
+    deliver_among_consumers,
     make_consumer,
     make_specs,
     materialize,
-    share_handled,
-    split,
 )
 
 __all__ = [
@@ -152,33 +149,20 @@ async def run_consumers(
     workload: str = "independent",
     prefect_calls: bool = False,
 ) -> WorkloadResult:
-    """``events`` of ``workload`` split among ``consumers`` tasks of this event loop,
-    each with a CausalOrdering of its own on one scope (instances on one URL share
-    the backend and its pool), delivering its share one event after another; with
-    ``prefect_calls``, each event as Prefect's services deliver it (see make_consumer)."""
-    specs = make_specs(workload, events, seed)
+    """``deliver_among_consumers`` with CausalOrdering instances on one scope (instances
+    on one URL share the backend and its pool)."""
     scope = new_scope(workload)
-    shares = split(materialize(specs, ReceivedEvent), consumers)
-    tasks = [
-        make_consumer(
-            lambda: CausalOrdering(scope, url=url), EventArrivedEarly, prefect_calls=prefect_calls
-        )
-        for _ in shares
-    ]
-    handled = share_handled(tasks)
-    timing = await deliver_concurrently(tasks, shares)
-    check_causal(handled, specs)
-    result = WorkloadResult.build(
-        "ordering",
-        dialect,
-        consumer_label(consumers, workload, prefect_calls),
-        len(specs),
-        timing,
-        sum(task.parked for task in tasks),
-        None,
+    run = await deliver_among_consumers(
+        lambda: CausalOrdering(scope, url=url),
+        EventArrivedEarly,
+        ReceivedEvent,
+        consumers=consumers,
+        workload=workload,
+        events=events,
+        seed=seed,
+        prefect_calls=prefect_calls,
     )
-    result.consumers = consumers
-    return result
+    return WorkloadResult.of_consumers("ordering", dialect, run)
 
 
 async def measure_construction(url: str, dialect: str, count: int) -> Construction:

@@ -224,13 +224,45 @@ async def deliver(
     return Timing((finished - started) / 1e9, latencies, starts)
 
 
-def share_handled(consumers: Sequence[Consumer]) -> list[UUID]:
-    """One list of handled events for all the consumers, in the order they were
-    handled, for check_causal."""
+@dataclass
+class ConsumersRun:
+    """What ``deliver_among_consumers`` measured."""
+
+    label: str
+    consumers: int
+    events: int
+    timing: Timing
+    parked: int
+
+
+async def deliver_among_consumers(
+    new_ordering: Callable[[], Any],
+    arrived_early: type[BaseException],
+    model: type[Any],
+    *,
+    consumers: int,
+    workload: str,
+    events: int,
+    seed: int,
+    prefect_calls: bool = False,
+) -> ConsumersRun:
+    """``events`` of ``workload`` dealt to ``consumers`` tasks of this event loop, each
+    with an ordering of its own from ``new_ordering`` (the same for ours and the peer),
+    delivering its share one event after another; with ``prefect_calls``, each event as
+    Prefect's services deliver it (see make_consumer).  The causal order is checked
+    across all the tasks, on one list of what they handled."""
+    specs = make_specs(workload, events, seed)
+    shares = split(materialize(specs, model), consumers)
+    tasks = [
+        make_consumer(new_ordering, arrived_early, prefect_calls=prefect_calls) for _ in shares
+    ]
     handled: list[UUID] = []
-    for consumer in consumers:
-        consumer.handled = handled
-    return handled
+    for task in tasks:
+        task.handled = handled
+    timing = await deliver_concurrently(tasks, shares)
+    check_causal(handled, specs)
+    label = consumer_label(consumers, workload, prefect_calls)
+    return ConsumersRun(label, consumers, len(specs), timing, sum(t.parked for t in tasks))
 
 
 def split(events: Sequence[Any], consumers: int) -> list[list[Any]]:
