@@ -335,19 +335,23 @@ async def test_the_lease_is_held_only_inside(ordering: Ordering, clock: MutableC
     assert await ordering.event_has_been_seen(event)
 
 
+def _polling_slowly(
+    db_url: str, scope: str, clock: MutableClock, waits_for: timedelta = timedelta(seconds=60)
+) -> Ordering:
+    """An ordering whose waiting followers poll only every 30 seconds: a follower that
+    goes on within seconds was woken."""
+    return CausalOrdering(
+        scope, url=db_url, clock=clock, poll_interval=30.0, in_flight_event_timeout=waits_for
+    )
+
+
 async def test_the_leaders_completion_wakes_its_waiting_follower(
     db_url: str, clock: MutableClock, scope: str
 ) -> None:
     """The leader's completion wakes the follower waiting on it (on PostgreSQL through
     LISTEN/NOTIFY, on SQLite within the process), so a follower with a 30-second poll
     interval still goes on at once."""
-    ordering = CausalOrdering(
-        scope,
-        url=db_url,
-        clock=clock,
-        poll_interval=30.0,
-        in_flight_event_timeout=timedelta(seconds=60),
-    )
+    ordering = _polling_slowly(db_url, scope, clock)
     leader = make_event(clock, name="leader")
     follower = make_event(clock, name="follower", follows=leader.id)
     consumer = Consumer(ordering)
@@ -364,6 +368,34 @@ async def test_the_leaders_completion_wakes_its_waiting_follower(
     async with asyncio.timeout(10):  # far below the 30-second poll: it was woken
         assert await follower_task is True
     assert consumer.names == ["leader", "follower"]
+    await ordering.clear()
+
+
+async def test_a_waiting_follower_is_woken_when_its_leader_parks(
+    db_url: str, clock: MutableClock, scope: str
+) -> None:
+    """a <- b <- c: b waits for a in flight, c waits for b.  b gives up waiting and
+    parks; that wakes c (a 30-second poll interval notwithstanding), which parks too.
+    a's completion then hands both out, in order."""
+    ordering = _polling_slowly(db_url, scope, clock)
+    impatient = _polling_slowly(db_url, scope, clock, waits_for=timedelta(seconds=1))
+    a = make_event(clock, name="a")
+    b = make_event(clock, name="b", follows=a.id)
+    c = make_event(clock, name="c", follows=b.id)
+    consumer = Consumer(ordering)
+    a_may_finish = asyncio.Event()
+    task_a = await _leader_in_flight(ordering, consumer, a, a_may_finish)
+    with statements_of(ordering.backend) as sent:
+        task_b = asyncio.create_task(Consumer(impatient).consume(b))
+        await eventually(lambda: sent.count("mark_waiting") >= 1, what="b to wait for a")
+        task_c = asyncio.create_task(consumer.consume(c))
+        await eventually(lambda: sent.count("mark_waiting") >= 2, what="c to wait for b")
+    async with asyncio.timeout(10):  # far below the 30-second poll: c was woken
+        assert await task_b is False
+        assert await task_c is False
+    a_may_finish.set()
+    await task_a
+    assert consumer.names == ["a", "b", "c"]
     await ordering.clear()
 
 
