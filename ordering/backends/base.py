@@ -417,10 +417,12 @@ class Connections(Generic[C], abc.ABC):
         self._close_unused_later()
 
     async def close_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        if self._closing:  # a timed close under way: let it finish, not outlive the loop
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._closing_timer is not None:
             self._closing_timer.cancel()
             self._closing_timer = None
-        idle, self._idle = self._idle, []
         for connection, _ in idle:
             await self.close(connection)
 
