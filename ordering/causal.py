@@ -12,8 +12,6 @@ import contextvars
 import itertools
 import logging
 import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,6 +50,7 @@ from .exceptions import (
     EventBeingProcessed,
     MaxDepthExceeded,
 )
+from .loops import process_token
 from .models import ReceivedEvent, utc_now
 from .renewal import close_keeper, keeper
 from .schema import resolve_schema
@@ -68,14 +67,15 @@ class EventHandler(Protocol[E_contra]):
     def __call__(self, event: E_contra, /, depth: int = 0) -> Awaitable[None]: ...
 
 
-#: Names this process in lease and claim owners, so that audits can tell who holds what.
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 _owner_serial = itertools.count()
 
 
 def _new_owner() -> str:
-    """A fresh token for one lease or one batch of claims: unique, readable."""
-    return f"{WORKER_ID}:{next(_owner_serial)}"
+    """A fresh token for one lease or one batch of claims: unique among processes,
+    forked ones included (a lease may be taken again by its own owner, so two
+    processes must never make the same one), and readable in audits: it names the
+    host and process."""
+    return f"{process_token()}:{next(_owner_serial)}"
 
 
 @dataclass
@@ -109,6 +109,10 @@ def _let_go(key: _LeaseKey, lease: _Lease) -> None:
     current = _task_leases.get()
     if current.get(key) is lease:
         _task_leases.set(MappingProxyType({k: v for k, v in current.items() if k != key}))
+
+
+# A child forked in the middle of a task holds none of the parent's leases.
+os.register_at_fork(after_in_child=lambda: _task_leases.set(MappingProxyType({})))
 
 
 _EVENT_FIELDS = frozenset({"id", "follows", "occurred", "received"})

@@ -1,15 +1,12 @@
-"""Database URLs: which one to use, checked once; and one shared backend per URL and loop."""
+"""Database URLs: which one to use, checked once, and how each driver is given it."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
 import re
-import weakref
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -87,45 +84,3 @@ def engine_for(url: str, **options: Any) -> AsyncEngine:
         return create_async_engine(url, **options)
     dsn = asyncpg_dsn(url)
     return create_async_engine(url, async_creator=lambda: asyncpg.connect(dsn), **options)
-
-
-T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    """Hands out one shared object per (event loop, URL); built lazily, cheap to look up.
-
-    Async connections belong to the loop that opened them, so each loop gets its own
-    backend; a loop that is gone takes its backends with it.
-    """
-
-    def __init__(self) -> None:
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, T]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self.urls_opened: set[str] = set()
-
-    def get(self, url: str, factory: Callable[[str], T]) -> T:
-        loop = asyncio.get_running_loop()
-        per_loop = self._by_loop.get(loop)
-        if per_loop is None:
-            per_loop = self._by_loop[loop] = {}
-        found = per_loop.get(url)
-        if found is None:
-            found = per_loop[url] = factory(url)
-            self.urls_opened.add(url)
-        return found
-
-    def current(self) -> list[T]:
-        """The objects built for the running loop."""
-        loop = asyncio.get_running_loop()
-        return list(self._by_loop.get(loop, {}).values())
-
-    def forget_current(self) -> list[T]:
-        """Hand over the running loop's objects and forget their URLs (the caller closes
-        them; a database dropped since must not be visited by clear_all_scopes)."""
-        loop = asyncio.get_running_loop()
-        gone = self._by_loop.pop(loop, {})
-        still_open = {url for per_loop in self._by_loop.values() for url in per_loop}
-        self.urls_opened -= set(gone) - still_open
-        return list(gone.values())
