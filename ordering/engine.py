@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 import asyncpg
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 logger = logging.getLogger(__name__)
@@ -50,12 +50,59 @@ def _checked_url(chosen: str) -> str:
             "the URL sets search_path, which the store sets to its own schema: "
             "name the schema with schema= or $ORDERING_SCHEMA instead"
         )
+    if DEADLINE_PARAMETER in parsed.query:
+        _deadline_seconds(parsed.query[DEADLINE_PARAMETER])  # refuses a bad one
     if parsed.drivername.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
         raise ValueError(
             "an in-memory SQLite database is not shared between connections: "
             "give a file, e.g. sqlite+aiosqlite:///ordering.db"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+#: The URL query's name for the deadline of every call of the store (seconds).
+DEADLINE_PARAMETER = "deadline"
+
+#: How long a call of the store may take, all attempts included, unless the URL or the
+#: ordering says otherwise.
+DEFAULT_DEADLINE = 10.0
+
+
+def _deadline_seconds(given: object) -> float:
+    text = given[-1] if isinstance(given, tuple) else given
+    try:
+        seconds = float(str(text))
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(
+            f"the URL's {DEADLINE_PARAMETER}= must be a positive number of seconds, not {text!r}"
+        )
+    return seconds
+
+
+@functools.lru_cache(maxsize=64)
+def url_deadline(url: str) -> float:
+    """The deadline of every call of the store on a checked URL, in seconds."""
+    given = make_url(url).query.get(DEADLINE_PARAMETER)
+    return DEFAULT_DEADLINE if given is None else _deadline_seconds(given)
+
+
+@functools.lru_cache(maxsize=64)
+def with_deadline(url: str, seconds: float) -> str:
+    """The checked URL with its deadline set to ``seconds``."""
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"deadline must be a positive time, not {seconds} seconds")
+    return (
+        make_url(url)
+        .update_query_dict({DEADLINE_PARAMETER: f"{seconds:g}"})
+        .render_as_string(hide_password=False)
+    )
+
+
+def _driver_url(url: str) -> URL:
+    """The URL as a driver takes it: without the store's own parameter."""
+    return make_url(url).difference_update_query([DEADLINE_PARAMETER])
 
 
 def _mask_password(text: str) -> str:
@@ -70,17 +117,24 @@ def safe_url(url: str) -> str:
 
 def asyncpg_dsn(url: str) -> str:
     """What asyncpg connects to for a checked PostgreSQL URL: the same URL, query and
-    all.  asyncpg reads connection options from the query (``sslmode``) and passes on
-    the rest as server settings, e.g. ``?synchronous_commit=off``."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    all but the store's ``deadline``.  asyncpg reads connection options from the query
+    (``sslmode``) and passes on the rest as server settings, e.g.
+    ``?synchronous_commit=off``."""
+    return _driver_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def engine_for(url: str, **options: Any) -> AsyncEngine:
     """A SQLAlchemy engine on a checked URL (``options`` go to ``create_async_engine``),
     for migrations, schema reads and tools.  On PostgreSQL it connects as the store
     does (see ``asyncpg_dsn``): SQLAlchemy would pass a server setting in the query to
-    asyncpg as an unknown keyword."""
+    asyncpg as an unknown keyword.  Connecting waits at most the URL's deadline; the
+    statements of a migration may take longer, and are not bounded."""
     if not url.startswith("postgresql"):
-        return create_async_engine(url, **options)
+        return create_async_engine(_driver_url(url), **options)
     dsn = asyncpg_dsn(url)
-    return create_async_engine(url, async_creator=lambda: asyncpg.connect(dsn), **options)
+    timeout = url_deadline(url)
+    return create_async_engine(
+        _driver_url(url),
+        async_creator=lambda: asyncpg.connect(dsn, timeout=timeout),
+        **options,
+    )
