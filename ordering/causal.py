@@ -395,9 +395,8 @@ class CausalOrdering(Generic[E]):
             done = _parked_here(early, event.id)  # parking released the lease
             raise
         except StoreUnavailable:
-            # The store did not answer within the deadline; giving the lease back would
-            # wait as long again.  It expires after lease_duration instead.
             done = True
+            backend.later(backend.release(scope=self.scope, event_id=event.id, owner=owner))
             raise
         finally:
             _let_go(self._key(event.id), lease)
@@ -484,7 +483,11 @@ class CausalOrdering(Generic[E]):
         released followers whose handler died before finishing them."""
         now = self._now()
         rows = await self.backend.take_lost_followers(
-            scope=self.scope, cutoff=now - self.preceding_event_lookback, now=now
+            scope=self.scope,
+            cutoff=now - self.preceding_event_lookback,
+            now=now,
+            owner=_new_owner(),
+            hold_until=now + self.lease_duration,
         )
         return self._load(rows)
 
@@ -650,9 +653,12 @@ class CausalOrdering(Generic[E]):
             done = _parked_here(early, event.id)  # parking released the lease
             raise
         except StoreUnavailable:
-            # The store did not answer within the deadline; giving the lease back would
-            # wait as long again.  It expires after lease_duration instead.
+            # The store did not answer within the deadline: rather than keep the caller
+            # waiting as long again, the lease is given back in the background (it
+            # expires after lease_duration if the store stays away).
             done = True
+            if held is None:
+                backend.later(backend.release(scope=self.scope, event_id=event.id, owner=owner))
             raise
         finally:
             if not done and held is None:
@@ -711,9 +717,11 @@ class CausalOrdering(Generic[E]):
         except MaxDepthExceeded:
             self._log(leader, "reached its max depth of %s followers processed.", self.max_depth)
         except StoreUnavailable:
-            # The store did not answer: rather than wait again to give the claims back,
-            # let them expire (lease_duration); the lost-follower sweep hands them out.
+            # As in preceding_event_confirmed: the claims are given back in the
+            # background (else they expire, and the lost-follower sweep hands them out).
+            ids = [f.id for f in pending]
             pending.clear()
+            backend.later(backend.unclaim(scope=self.scope, owner=owner, ids=ids, now=self._now()))
             raise
         finally:
             keeper().release(kept)

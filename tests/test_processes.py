@@ -46,9 +46,10 @@ async def _contend(
 ) -> None:
     """Deliver each event once, in step with the other workers (the barrier)."""
     ordering = CausalOrdering(scope, url=url)
-    loop = asyncio.get_running_loop()
     for event in events:
-        await loop.run_in_executor(None, barrier.wait)
+        # Blocking the loop for it: a child running its parent's loop has that loop's
+        # default executor without its threads (the store uses threads of its own).
+        barrier.wait()
         try:
             async with ordering.preceding_event_confirmed(_no_followers, event):
                 report.put((os.getpid(), str(event.id), "held"))

@@ -43,7 +43,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -202,6 +202,19 @@ class Backend(abc.ABC):
     listeners: list[StatementListener]
     connections: Connections[Any]
 
+    def later(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        """Run ``cleanup`` (giving back a lease or claims) in the background, within its
+        own deadline; a failure is logged.  ``dispose`` waits for what is under way."""
+        tasks: set[asyncio.Task[None]] = self.__dict__.setdefault("_later", set())
+        task = asyncio.get_running_loop().create_task(_logged(cleanup))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _settle_later(self) -> None:
+        tasks = self.__dict__.get("_later", set())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def ping(self) -> None:
         """Open and close one connection, once, without retries: for a person or a
         scheduler who asked, and should hear at once that the database is not there."""
@@ -291,10 +304,12 @@ class Backend(abc.ABC):
         return [row[0] for row in rows]
 
     async def take_lost_followers(
-        self, *, scope: str, cutoff: datetime, now: datetime
+        self, *, scope: str, cutoff: datetime, now: datetime, owner: str, hold_until: datetime
     ) -> list[str]:
         """Delete and return the lost followers: handed out once, so never retried
-        after the statement may have reached the database."""
+        after the statement may have reached the database.  (PostgreSQL's takes them in
+        two steps that may be repeated, claimed by ``owner`` until ``hold_until`` in
+        between: see take_lost_claim.)"""
         rows = await self._fetch("take_lost", scope=scope, cutoff=cutoff, now=now, idempotent=False)
         return [row[0] for row in rows]
 
@@ -609,6 +624,16 @@ class Connections(Generic[C], abc.ABC):
                     self._slots.release()
             await asyncio.sleep(pause)
             delay = min(delay * 2, self.backoff_max)
+
+
+async def _logged(cleanup: Coroutine[Any, Any, None]) -> None:
+    try:
+        await cleanup
+    except Exception:
+        logger.warning(
+            "giving back a lease after the store was unavailable failed; it expires",
+            exc_info=True,
+        )
 
 
 class _OutOfTime(Exception):

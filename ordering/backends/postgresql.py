@@ -196,6 +196,7 @@ class PostgresBackend(Backend):
         self._background: set[asyncio.Task[None]] = set()
 
     async def dispose(self) -> None:
+        await self._settle_later()
         await self.notifications.close()
         await self.connections.close_idle()
 
@@ -332,6 +333,19 @@ class PostgresBackend(Backend):
     async def unclaim(self, *, scope: str, owner: str, ids: Sequence[UUID], now: datetime) -> None:
         if ids:
             await self._fetch("unclaim", scope=scope, owner=owner, ids=list(ids), now=now)
+
+    async def take_lost_followers(
+        self, *, scope: str, cutoff: datetime, now: datetime, owner: str, hold_until: datetime
+    ) -> list[str]:
+        # A statement that may not be repeated, with its reply lost (a timeout, a
+        # dropped connection), would lose the followers it deleted: two that may be.
+        rows = await self._fetch(
+            "take_lost_claim", scope=scope, cutoff=cutoff, now=now, owner=owner, until=hold_until
+        )
+        if rows:
+            ids = [row[0] for row in rows]
+            await self._fetch("take_lost_forget", scope=scope, owner=owner, ids=ids)
+        return [row[1] for row in rows]
 
     async def clear(self, *, scope: str | None) -> None:
         await self._fetch("clear", scope=scope)

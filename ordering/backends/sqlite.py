@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -218,6 +220,7 @@ class SqliteBackend(Backend):
         self._wakeups: Wakeups[tuple[str, UUID]] = Wakeups()
 
     async def dispose(self) -> None:
+        await self._settle_later()
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
         await self.connections.close_idle()
@@ -501,11 +504,33 @@ def _checkpoint(path: Path, busy_seconds: float) -> None:
         connection.close()
 
 
+_executor: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    """The store's own worker threads, not the loop's default executor: a process forked
+    from one whose loop had started that executor's threads inherits the executor but
+    not the threads, and work handed to it would wait forever.  A forked child makes
+    its own (the parent's is left untouched)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(thread_name_prefix="ordering-sqlite")
+    return _executor
+
+
+def _forget_threads_after_fork() -> None:
+    global _executor
+    _executor = None
+
+
+os.register_at_fork(after_in_child=_forget_threads_after_fork)
+
+
 async def _in_thread(function: Callable[..., T], *args: Any) -> T:
     """Run ``function`` in a worker thread.  If the caller is cancelled meanwhile, wait
     for the thread to finish before passing the cancellation on: the connection it
     uses must not be closed under it."""
-    future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+    future = asyncio.get_running_loop().run_in_executor(_threads(), function, *args)
     cancelled = False
     while True:
         try:

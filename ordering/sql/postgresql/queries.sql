@@ -81,6 +81,19 @@ ORDER BY occurred, received, follower_id
 DELETE FROM waiting_followers f WHERE f.scope = $1 AND {lost(f, $2, $3)}
 RETURNING f.event::text
 
+-- name: take_lost_claim(scope, cutoff, now, owner, until)
+-- The first half of handing out lost followers so that it may be repeated: claim them
+-- for this call's owner (a repeat with the same owner finds the same rows again), then
+-- take_lost_forget deletes them.  Should the second half never run, the claim expires
+-- and a later sweep hands them out: a reply lost on the way never loses a follower.
+UPDATE waiting_followers f SET claimed_by = $4, claimed_until = $5
+WHERE f.scope = $1 AND ({lost(f, $2, $3)} OR f.claimed_by = $4)
+RETURNING f.follower_id, f.event::text
+
+-- name: take_lost_forget(scope, owner, ids)
+DELETE FROM waiting_followers WHERE scope = $1 AND follower_id = ANY($3::uuid[])
+  AND claimed_by = $2
+
 -- name: unclaim(scope, owner, ids, now)
 -- Followers claimed but not handled (their handler failed, or the depth limit cut them
 -- off): their claims expire now, so the next get_lost_followers hands them out again,
