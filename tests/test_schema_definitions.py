@@ -47,7 +47,10 @@ def _migrated(url: str) -> None:
 
 #: Catalog queries over the schema ``$1``, alembic's table left out; each row becomes
 #: one line of the dump.  Column order is compared by rank, not attnum (a dropped
-#: column leaves a gap in attnum that a fresh table does not have).
+#: column leaves a gap in attnum that a fresh table does not have).  NOT NULL shows in
+#: the column lines only: PostgreSQL 18 also lists it as a constraint named after the
+#: table it was created in, and the migrations created ours under the first release's
+#: names (``ordering_seen_events``) before moving them into the schema.
 PG_CATALOG = {
     "relation": """
         SELECT c.relname, c.relkind::text
@@ -74,7 +77,7 @@ PG_CATALOG = {
         FROM pg_constraint k
         JOIN pg_class c ON c.oid = k.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = $1 AND c.relname <> 'alembic_version'
+        WHERE n.nspname = $1 AND c.relname <> 'alembic_version' AND k.contype <> 'n'
         ORDER BY 1, 2
     """,
     "index": """

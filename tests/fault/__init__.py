@@ -11,5 +11,7 @@ CI runs small sizes.  A bigger run by hand multiplies the number of chains::
 
 ``ORDERING_FAULT_SEED`` picks the delivery order (the summary line prints the seed
 used), and ``ORDERING_FAULT_PG_RESTART=1`` enables the test that restarts the whole
-PostgreSQL cluster (it disturbs every database on the server, so it is opt-in).
+PostgreSQL cluster (it disturbs every database on the server, so it is opt-in); the
+machine's Debian cluster, or the server that ``ORDERING_FAULT_PG_RESTART_COMMAND``
+restarts (``.ci/postgres-server restart PORT`` for a throwaway one).
 """

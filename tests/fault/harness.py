@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from sqlalchemy import Uuid, bindparam, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ordering import PRECEDING_EVENT_LOOKBACK, ReceivedEvent
@@ -294,17 +296,22 @@ class Harness:
         return count
 
     def restart_cluster(self) -> None:
-        """Restart the whole PostgreSQL server and wait until it accepts connections."""
-        version = sorted(os.listdir("/etc/postgresql"))[-1]
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-            check=True,
-            timeout=60,
-        )
+        """Restart the whole PostgreSQL server and wait until it accepts connections:
+        with the command in ``ORDERING_FAULT_PG_RESTART_COMMAND`` (say, a throwaway
+        server's ``.ci/postgres-server restart 5418``), else the machine's Debian
+        cluster."""
+        command = os.environ.get("ORDERING_FAULT_PG_RESTART_COMMAND")
+        if command:
+            restart = shlex.split(command)
+        else:
+            version = sorted(os.listdir("/etc/postgresql"))[-1]
+            restart = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"]
+        subprocess.run(restart, check=True, timeout=60)
         self.db_restarts += 1
+        url = make_url(self.url)
+        where = ["-h", url.host or "127.0.0.1", "-p", str(url.port or 5432)]
         for _ in range(300):
-            ready = subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"])
-            if ready.returncode == 0:
+            if subprocess.run(["pg_isready", "-q", *where]).returncode == 0:
                 return
             time.sleep(0.1)
         raise AssertionError("PostgreSQL did not come back within 30s of a restart")
