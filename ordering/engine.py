@@ -15,6 +15,8 @@ import asyncpg
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from . import hosts
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite+aiosqlite:///ordering.db"
@@ -35,6 +37,7 @@ def resolve_url(url: str | None = None) -> str:
 def _checked_url(chosen: str) -> str:
     """Parsing a URL costs tens of microseconds: done once per distinct URL, since an
     ordering may be constructed for every event."""
+    chosen = hosts.canonical_url(chosen)  # several hosts: one form, target_session_attrs
     try:
         parsed = make_url(chosen)
     except Exception:  # sqlalchemy's ArgumentError repeats the URL, password and all
@@ -74,8 +77,9 @@ def safe_url(url: str) -> str:
 def asyncpg_dsn(url: str) -> str:
     """What asyncpg connects to for a checked PostgreSQL URL: the same URL, query and
     all.  asyncpg reads connection options from the query (``sslmode``) and passes on
-    the rest as server settings, e.g. ``?synchronous_commit=off``."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    the rest as server settings, e.g. ``?synchronous_commit=off``.  Several hosts go
+    into the netloc (see hosts.py)."""
+    return hosts.asyncpg_dsn(make_url(url).set(drivername="postgresql"))
 
 
 def engine_for(url: str, **options: Any) -> AsyncEngine:
