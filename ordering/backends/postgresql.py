@@ -58,8 +58,11 @@ _TRANSIENT_SQLSTATES = frozenset(
         "40P01",  # deadlock_detected: the other side went ahead
         "40001",  # serialization_failure
         "53300",  # too_many_connections
+        "25006",  # read_only_sql_transaction: the server became a standby
     }
 )
+#: A statement refused by a read-only server changed nothing: safe to run again anywhere.
+_READ_ONLY = "25006"
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -120,7 +123,9 @@ class PostgresConnections(Connections[asyncpg.Connection]):
         # asyncpg refuses a statement on a connection it knows is closed, or whose
         # protocol is stuck after the server's FATAL, before sending anything: an
         # InterfaceError or an InternalClientError, never a server error.
-        return isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
+        return _sqlstate(exc) == _READ_ONLY or isinstance(
+            exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
+        )
 
     def safe_url(self) -> str:
         return self._safe_url
