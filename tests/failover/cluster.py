@@ -1,8 +1,8 @@
 """A PostgreSQL primary and a streaming standby on this machine, for failover tests.
 
 Built from the server binaries (``initdb``, ``pg_basebackup``, ``pg_ctl``) run as the
-``postgres`` OS user, in a directory of their own under the system's temporary
-directory (not pytest's, which may be readable by its owner only), listening on
+``postgres`` OS user, in a directory of their own under /tmp or
+``$ORDERING_FAILOVER_DIR`` (not pytest's, which may be its owner's alone), listening on
 127.0.0.1 at ports of their own and on no Unix socket.  Nothing here touches another
 server of the machine.  ``crash_primary`` kills the primary's postmaster and every
 process it started with SIGKILL, as a machine that loses power; ``promote`` makes the
@@ -28,6 +28,7 @@ DEFAULT_BIN = Path("/usr/lib/postgresql/15/bin")
 BIN = Path(os.environ.get("ORDERING_FAILOVER_PG_BIN", str(DEFAULT_BIN)))
 TOOLS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
 OS_USER = "postgres"
+DIR_ENV = "ORDERING_FAILOVER_DIR"
 STANDBY_NAME = "standby1"
 
 #: Every wait below is bounded.
@@ -50,6 +51,19 @@ def missing_prerequisites() -> str | None:
     except KeyError:
         return f"there is no {OS_USER!r} OS user"
     return None
+
+
+def _base_dir() -> str:
+    """Where the clusters' directory goes: $ORDERING_FAILOVER_DIR, else /tmp (whose
+    sticky, world-writable mode lets the postgres user in), else the temporary
+    directory (which a CI runner may have made its own user's alone)."""
+    chosen = os.environ.get(DIR_ENV)
+    if chosen:
+        return chosen
+    tmp = Path("/tmp")
+    if tmp.is_dir() and tmp.stat().st_mode & 0o1777 == 0o1777:
+        return str(tmp)
+    return tempfile.gettempdir()
 
 
 def free_port() -> int:
@@ -150,8 +164,16 @@ class Pair:
     standby: Server = field(init=False)
 
     def __post_init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="ordering-failover-"))
+        self.root = Path(tempfile.mkdtemp(prefix="ordering-failover-", dir=_base_dir()))
         os.chown(self.root, _uid(), -1)  # the postgres user writes its data and logs here
+        try:
+            _as_postgres("test", "-w", str(self.root), timeout=10)
+        except RuntimeError:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise RuntimeError(
+                f"the {OS_USER!r} user cannot write to {self.root}: set "
+                f"{DIR_ENV} to a directory it can reach"
+            ) from None
         self.primary = Server("primary", self.root / "primary", free_port())
         self.standby = Server("standby", self.root / "standby", free_port())
 

@@ -147,6 +147,8 @@ class Worker:
         self._done = (run_dir / f"{name}.done").open("a", buffering=1)
         #: When each delivery was acknowledged (the failover test measures the pause).
         self._ack_times = (run_dir / f"{name}.ack-times").open("a", buffering=1)
+        #: Followers get_lost_followers handed out (and so took out of the store).
+        self._taken = (run_dir / f"{name}.taken").open("a", buffering=1)
 
     # -- the user's code ---------------------------------------------------------
 
@@ -201,6 +203,7 @@ class Worker:
         try:
             for follower in lost:
                 self.stats.lost_followers += 1
+                self._taken.write(f"{follower.id}\n")
                 try:
                     await self.handler(follower)
                 except EventArrivedEarly:
@@ -332,6 +335,7 @@ class Worker:
         self._acks.close()
         self._done.close()
         self._ack_times.close()
+        self._taken.close()
 
 
 def offset_clock(seconds: float) -> Callable[[], datetime]:
