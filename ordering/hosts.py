@@ -20,11 +20,18 @@ Messages never repeat the user name or password of a URL.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import asyncpg
 from sqlalchemy.engine import URL
+
+logger = logging.getLogger(__name__)
 
 #: target_session_attrs values that keep the store's writes off a standby.
 WRITABLE_ATTRS = ("read-write", "primary")
@@ -108,6 +115,61 @@ def asyncpg_dsn(url: URL) -> str:
     hosts = hosts_of(url)
     if not hosts:
         return url.render_as_string(hide_password=False)
+    return _netloc_dsn(url, hosts)
+
+
+def host_dsns(url: URL) -> list[str]:
+    """One asyncpg DSN per host of a canonical URL (driver name ``postgresql``), in
+    order; the URL's own rendering when it has one host."""
+    hosts = hosts_of(url)
+    if not hosts:
+        return [url.render_as_string(hide_password=False)]
+    return [_netloc_dsn(url, [host]) for host in hosts]
+
+
+#: Errors after which the next host is tried: the host refused or did not answer in
+#: its share of the time, is a standby (target_session_attrs), or is starting up.
+_NEXT_HOST = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+async def connect_in_order(
+    dsns: Sequence[str], seconds: float, **options: Any
+) -> asyncpg.Connection:
+    """Connect to the first of ``dsns`` that answers and matches its
+    target_session_attrs, giving each host an equal share of the ``seconds`` left.
+
+    asyncpg's own multi-host connect spends its one timeout on the first host when
+    that host never answers (a machine that died without closing its sockets), and so
+    never reaches the new primary; libpq's connect_timeout is per host, as here.
+    """
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + seconds
+    error: BaseException | None = None
+    for index, dsn in enumerate(dsns):
+        share = (ends - loop.time()) / (len(dsns) - index)
+        if share <= 0:
+            break
+        try:
+            connection: asyncpg.Connection = await asyncpg.connect(dsn, timeout=share, **options)
+            return connection
+        except _NEXT_HOST as exc:
+            if len(dsns) == 1:
+                raise
+            logger.info("host %d of %d failed (%r), trying the next", index + 1, len(dsns), exc)
+            error = exc
+    if error is not None:
+        raise error
+    raise TimeoutError(f"no host answered within {seconds:g}s")
+
+
+def _netloc_dsn(url: URL, hosts: Sequence[Host]) -> str:
+    """``postgresql://user:password@host1:port1,.../db?query`` without ``host=``."""
     userinfo = ""
     if url.username is not None:
         userinfo = urllib.parse.quote(url.username, safe="")

@@ -9,6 +9,7 @@ migrations and the store."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -22,6 +23,7 @@ from ordering.engine import asyncpg_dsn, resolve_url, safe_url
 from ordering.hosts import canonical_url
 
 from .conftest import PG_URL, drop_postgres_database, fresh_postgres_database
+from .netfaults import closed_port, silent_server
 
 RW = "target_session_attrs=read-write"
 #: The canonical form of two hosts (SQLAlchemy's repeated host parameters).
@@ -186,12 +188,12 @@ def pg_database() -> Iterator[str]:
     drop_postgres_database(url)
 
 
-def multi_host_forms(url: str, live_first: bool) -> dict[str, str]:
-    """The test server's URL and a host that refuses connections (port 1 on the same
-    address, as a crashed primary does), in this order or the other, in each form."""
+def multi_host_forms(url: str, first: int | None, second: int | None) -> dict[str, str]:
+    """The test server's URL as two hosts on its address, in each form; None stands for
+    the server's own port."""
     parsed = make_url(url)
     host, live = parsed.host or "127.0.0.1", parsed.port or 5432
-    p1, p2 = (live, 1) if live_first else (1, live)
+    p1, p2 = first or live, second or live
     userinfo = parsed.render_as_string(hide_password=False).split("://", 1)[1].split("@")[0]
     base = f"postgresql+asyncpg://{userinfo}@"
     db = parsed.database
@@ -203,7 +205,7 @@ def multi_host_forms(url: str, live_first: bool) -> dict[str, str]:
     }
 
 
-FORM_NAMES = list(multi_host_forms(PG_URL, live_first=True))
+FORM_NAMES = list(multi_host_forms(PG_URL, None, None))
 
 
 @pytest.mark.parametrize("live_first", [True, False], ids=["live-first", "dead-first"])
@@ -211,8 +213,12 @@ FORM_NAMES = list(multi_host_forms(PG_URL, live_first=True))
 def test_each_form_reaches_the_live_host_for_migrate_check_status_and_the_store(
     pg_database: str, form: str, live_first: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Whichever of the two hosts is up, in each form: asyncpg tries them in order."""
-    url = multi_host_forms(pg_database, live_first)[form]
+    """Whichever of the two hosts is up, in each form: the hosts are tried in order.
+    The other refuses connections (nothing listens on its port), as a crashed server's
+    machine does."""
+    dead = closed_port()
+    ports = (None, dead) if live_first else (dead, None)
+    url = multi_host_forms(pg_database, *ports)[form]
     assert main(["migrate", "--url", url]) == 0
     assert main(["check", "--url", url]) == 0
     assert main(["status", "--url", url]) == 0
@@ -231,3 +237,33 @@ def test_each_form_reaches_the_live_host_for_migrate_check_status_and_the_store(
         await dispose_engines()
 
     asyncio.run(use_the_store())
+
+
+def _round_trip(url: str) -> None:
+    event = ReceivedEvent(
+        occurred=datetime.now(UTC), event="hosts.test", resource={"prefect.resource.id": "r"}
+    )
+
+    async def go() -> None:
+        ordering = CausalOrdering("hosts", url=url)
+        await ordering.record_event_as_seen(event)
+        assert await ordering.event_has_been_seen(event)
+        await dispose_engines()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("form", ["netloc", "repeated-host-parameters"])
+def test_a_first_host_that_never_answers_costs_its_share_of_the_time_not_all_of_it(
+    pg_database: str, form: str
+) -> None:
+    """A primary whose machine died without closing its sockets (here: a server that
+    accepts and never answers) must not hold every connection attempt until its
+    timeout: each host gets its share, and the second is reached within the deadline,
+    by the migrations and by the store."""
+    with silent_server() as silent:
+        url = multi_host_forms(pg_database, silent, None)[form] + "&deadline=3"
+        started = time.monotonic()
+        assert main(["migrate", "--url", url]) == 0
+        _round_trip(url)
+        assert time.monotonic() - started < 30
