@@ -31,6 +31,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 
+from ordering.engine import DEFAULT_DEADLINE
 from ordering.models import utc_now
 from tests.conftest import IN_CI
 from tests.fault import handled
@@ -44,7 +45,7 @@ from .cluster import Pair, Server, missing_prerequisites
 pytestmark = pytest.mark.timeout(600)
 
 #: The per-call deadline of the store: a failover shorter than this is ridden out.
-DEADLINE_S = 10.0
+DEADLINE_S = DEFAULT_DEADLINE
 #: Errors a worker may see while no primary is up: the store's own, after its bounded
 #: retries, and the handler's own INSERT failing.
 CLEAR_OUTAGE_ERRORS = {"StoreUnavailable", "RecordFailed"}
