@@ -8,9 +8,10 @@ import os
 import re
 from typing import Any
 
-import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from . import hosts
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def resolve_url(url: str | None = None) -> str:
 def _checked_url(chosen: str) -> str:
     """Parsing a URL costs tens of microseconds: done once per distinct URL, since an
     ordering may be constructed for every event."""
+    chosen = hosts.canonical_url(chosen)  # several hosts: one form, target_session_attrs
     try:
         parsed = make_url(chosen)
     except Exception:  # sqlalchemy's ArgumentError repeats the URL, password and all
@@ -124,8 +126,13 @@ def asyncpg_dsn(url: str) -> str:
     """What asyncpg connects to for a checked PostgreSQL URL: the same URL, query and
     all but the store's ``deadline``.  asyncpg reads connection options from the query
     (``sslmode``) and passes on the rest as server settings, e.g.
-    ``?synchronous_commit=off``."""
-    return _driver_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    ``?synchronous_commit=off``.  Several hosts go into the netloc (see hosts.py)."""
+    return hosts.asyncpg_dsn(_driver_url(url).set(drivername="postgresql"))
+
+
+def asyncpg_dsns(url: str) -> list[str]:
+    """As ``asyncpg_dsn``, one DSN per host, in order: for ``hosts.connect_in_order``."""
+    return hosts.host_dsns(_driver_url(url).set(drivername="postgresql"))
 
 
 def engine_for(url: str, **options: Any) -> AsyncEngine:
@@ -136,10 +143,10 @@ def engine_for(url: str, **options: Any) -> AsyncEngine:
     statements of a migration may take longer, and are not bounded."""
     if not url.startswith("postgresql"):
         return create_async_engine(_driver_url(url), **options)
-    dsn = asyncpg_dsn(url)
+    dsns = asyncpg_dsns(url)
     timeout = url_deadline(url)
     return create_async_engine(
         _driver_url(url),
-        async_creator=lambda: asyncpg.connect(dsn, timeout=timeout),
+        async_creator=lambda: hosts.connect_in_order(dsns, timeout),
         **options,
     )

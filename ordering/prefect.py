@@ -39,6 +39,7 @@ from . import causal, exceptions
 from .causal import EventHandler
 from .engine import URL_ENV, resolve_url, safe_url
 from .events import as_uuid
+from .hosts import canonical_url
 
 __all__ = [
     "CausalOrdering",
@@ -182,6 +183,10 @@ _url_by_settings: dict[int, tuple[object, str]] = {}
 def _checked_url(url: str, source: str) -> str:
     """Parse, check and normalize once per distinct URL.  Messages and logs never show
     the password, which the raw URL (from Prefect's secret setting) may hold."""
+    try:
+        url = canonical_url(url)  # several hosts: one form (see hosts.py)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
     try:
         parsed = make_url(url)
     except Exception:

@@ -28,7 +28,8 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from .. import sql
-from ..engine import asyncpg_dsn, safe_url
+from ..engine import asyncpg_dsns, safe_url
+from ..hosts import connect_in_order
 from ..notify import Notifications, Waiter
 from ..schema import CODE_REVISION, resolve_schema
 from .base import (
@@ -88,7 +89,7 @@ _DEFAULT_SETTINGS = {"application_name": "ordering", "jit": "off"}
 class PostgresConnections(Connections[asyncpg.Connection]):
     def __init__(self, url: str, schema: str, **options: Any) -> None:
         super().__init__(url, **options)
-        self._dsn = asyncpg_dsn(url)
+        self._dsns = asyncpg_dsns(url)  # one per host: see hosts.connect_in_order
         self._safe_url = safe_url(url)
         given = make_url(url).query
         self._settings = {k: v for k, v in _DEFAULT_SETTINGS.items() if k not in given}
@@ -100,10 +101,10 @@ class PostgresConnections(Connections[asyncpg.Connection]):
                 self._settings[setting] = str(self.server_timeout_ms)
 
     async def connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(
-            self._dsn,
+        return await connect_in_order(
+            self._dsns,
+            min(self.attempt_seconds, seconds_left()) or 0.001,
             server_settings=self._settings,
-            timeout=min(self.attempt_seconds, seconds_left()) or 0.001,
         )
 
     async def close(self, connection: asyncpg.Connection) -> None:

@@ -18,6 +18,8 @@ from uuid import UUID
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ordering.engine import engine_for, resolve_url
+
 TABLE = "fault_handled"
 
 _CREATE = {
@@ -65,7 +67,8 @@ def open_engine(url: str) -> AsyncEngine:
         )
         event.listen(engine.sync_engine, "connect", _wal)
         return engine
-    return create_async_engine(url, isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20)
+    # As the store connects: several hosts and URL settings work (see engine.py).
+    return engine_for(resolve_url(url), isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20)
 
 
 def _wal(dbapi_connection: Any, _record: Any) -> None:

@@ -56,6 +56,14 @@ WHERE datname = current_database() AND pid <> pg_backend_pid()
 """)
 
 
+def read_done(path: Path) -> dict[str, UUID]:
+    """A worker's completed handler calls: attempt id -> event id (``<name>.done``)."""
+    if not path.exists():
+        return {}
+    lines = (line.split() for line in path.read_text().splitlines())
+    return {fields[0]: UUID(fields[1]) for fields in lines if len(fields) == 2}
+
+
 def scaled(chains: int) -> int:
     return max(1, round(chains * SCALE))
 
@@ -386,7 +394,7 @@ class Harness:
             if hung_in is not None:
                 continue
             done_path = self.run_dir / f"{name}.done"
-            done = set(done_path.read_text().split()) if done_path.exists() else set()
+            done = read_done(done_path)
             unsure |= {r.attempt for r in rows if r.worker == name and r.attempt not in done}
         return unsure
 

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
@@ -144,6 +145,10 @@ class Worker:
         self.stats = Stats()
         self._acks = (run_dir / f"{name}.acks").open("a", buffering=1)
         self._done = (run_dir / f"{name}.done").open("a", buffering=1)
+        #: When each delivery was acknowledged (the failover test measures the pause).
+        self._ack_times = (run_dir / f"{name}.ack-times").open("a", buffering=1)
+        #: Followers get_lost_followers handed out (and so took out of the store).
+        self._taken = (run_dir / f"{name}.taken").open("a", buffering=1)
 
     # -- the user's code ---------------------------------------------------------
 
@@ -157,7 +162,7 @@ class Worker:
         except BaseException as exc:
             self._note_interruption(exc, event, attempt)
             raise
-        self._done.write(f"{attempt}\n")
+        self._done.write(f"{attempt} {event.id}\n")
 
     async def consume(self, event: ReceivedEvent) -> bool:
         """One delivery, as a user's consumer handles it; False: deliver it again later."""
@@ -198,6 +203,7 @@ class Worker:
         try:
             for follower in lost:
                 self.stats.lost_followers += 1
+                self._taken.write(f"{follower.id}\n")
                 try:
                     await self.handler(follower)
                 except EventArrivedEarly:
@@ -256,6 +262,7 @@ class Worker:
 
     def ack(self, event: ReceivedEvent) -> None:
         self._acks.write(f"{event.id}\n")
+        self._ack_times.write(f"{time.time():.6f}\n")
 
     async def run(self, queue: list[ReceivedEvent], consumers: int = 1) -> None:
         """Deliver the queue with ``consumers`` tasks at once, as a consumer with that
@@ -327,6 +334,8 @@ class Worker:
     def close(self) -> None:
         self._acks.close()
         self._done.close()
+        self._ack_times.close()
+        self._taken.close()
 
 
 def offset_clock(seconds: float) -> Callable[[], datetime]:
