@@ -1,0 +1,215 @@
+"""Consumer processes written with ``OrderedConsumer`` on one RabbitMQ queue.
+
+Three consumer processes with a prefetch of eight share one queue of jumbled causal
+chains (a tenth of the events published twice); some handlers fail once, so their
+messages are nacked and requeued; one consumer is killed with SIGKILL a third of the
+way through, and RabbitMQ hands the messages it held to the others.  The fault tests'
+checker then reads back every handling: each event handled after its leader, none
+handled again after a completed handling, nothing left in the store; and the queue
+is empty with every consumer gone, so nothing was left unacknowledged (a closed
+channel's unacknowledged messages go back to the queue).
+
+Needs RabbitMQ (``ORDERING_TEST_AMQP_URL``, default ``amqp://guest:guest@127.0.0.1:5672/``);
+under CI=true an unreachable broker fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+import aio_pika
+import pytest
+from pamqp.commands import Queue as QueueMethods
+
+from ordering import ReceivedEvent
+from ordering.models import utc_now
+from tests.conftest import IN_CI
+from tests.fault.harness import REPO, SEED, Harness, WorkerDied
+from tests.fault.workload import make_chains
+
+AMQP_URL = os.environ.get("ORDERING_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+CONSUMERS = 3
+PREFETCH = 8
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def rabbitmq_url() -> str:
+    """The broker's URL, once it answers; else a skip (a failure under CI=true)."""
+
+    async def ping() -> None:
+        connection = await aio_pika.connect(AMQP_URL, timeout=10)
+        await connection.close()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:
+        message = f"RabbitMQ at {AMQP_URL} is unreachable: {exc!r}"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: this is a failure, not a skip)")
+        pytest.skip(message)
+    return AMQP_URL
+
+
+async def publish(url: str, queue: str, events: list[ReceivedEvent]) -> None:
+    connection = await aio_pika.connect(url, timeout=30)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=False)
+        for event in events:
+            body = event.model_dump_json().encode()
+            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+
+
+async def queue_state(url: str, queue: str) -> QueueMethods.DeclareOk:
+    """Messages ready and consumers, by a passive declare (no management plugin)."""
+    connection = await aio_pika.connect(url, timeout=30)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result
+
+
+async def delete_queue(url: str, queue: str) -> None:
+    connection = await aio_pika.connect(url, timeout=30)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+
+
+def interleave(queues: list[list[ReceivedEvent]]) -> list[ReceivedEvent]:
+    """The one stream that ``workload.deliver`` dealt round-robin into these queues."""
+    longest = max(len(q) for q in queues)
+    return [q[i] for i in range(longest) for q in queues if i < len(q)]
+
+
+@dataclass
+class BrokerHarness(Harness):
+    """The fault harness, with consumer processes fed by RabbitMQ instead of files."""
+
+    amqp_url: str = AMQP_URL
+    queue: str = field(default_factory=lambda: f"ordering-test-{uuid.uuid4().hex[:10]}")
+    prefetch: int = PREFETCH
+    fail_first: list[UUID] = field(default_factory=list)
+
+    def start(self) -> None:
+        for index in range(self.workers):
+            name = f"c{index}"
+            command = [
+                sys.executable,
+                "-m",
+                "tests.broker.rabbitmq_worker",
+                *("--url", self.url, "--scope", self.scope, "--name", name),
+                *("--run-dir", str(self.run_dir), "--amqp-url", self.amqp_url),
+                *("--queue", self.queue, "--prefetch", str(self.prefetch)),
+                *("--lease-seconds", str(self.lease_seconds)),
+                *("--fail-once-on", *map(str, self.fail_first)),
+            ]
+            with (self.run_dir / f"{name}.out").open("wb") as out:
+                self.processes[name] = subprocess.Popen(
+                    command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+                )
+        for name in self.processes:
+            consuming = self.run_dir / f"{name}.consuming"
+            self.wait_for(consuming.exists, 60, f"{name} to start consuming")
+
+    def holding(self, name: str) -> int:
+        """Messages the consumer has received and not yet acknowledged or nacked."""
+        got = (self.run_dir / f"{name}.got").read_text().split()
+        settled = (self.run_dir / f"{name}.settled").read_text().split()
+        return len(got) - len(settled)
+
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM every live consumer: each stops consuming, settles what it holds,
+        closes its consumer and its connection."""
+        (self.run_dir / "stop").touch()
+        for process in self.live().values():
+            process.send_signal(signal.SIGTERM)
+        for name, process in self.live().items():
+            if process.wait(timeout=timeout) != 0:
+                raise WorkerDied(f"consumer {name} exited with {process.returncode}")
+
+    def broker_counts(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for path in self.run_dir.glob("*.broker.json"):
+            counts.update(json.loads(path.read_text()))
+        return counts
+
+
+@pytest.fixture
+def harnesses() -> Iterator[list[BrokerHarness]]:
+    made: list[BrokerHarness] = []
+    yield made
+    for harness in made:
+        harness.stop_all()
+        asyncio.run(delete_queue(harness.amqp_url, harness.queue))
+
+
+def test_consumers_on_one_queue_with_requeues_and_a_consumer_killed(
+    empty_url: str, tmp_path: Path, harnesses: list[BrokerHarness]
+) -> None:
+    amqp_url = rabbitmq_url()
+    rng = random.Random(SEED)
+    events = make_chains(100, 5, utc_now(), rng)
+    dialect = empty_url.split("+", 1)[0]
+    harness = BrokerHarness(
+        name=f"rabbitmq-{dialect}",
+        url=empty_url,
+        run_dir=tmp_path,
+        workers=CONSUMERS,
+        duplicate_fraction=0.1,
+        soon=0.5,
+        lease_seconds=3.0,
+        amqp_url=amqp_url,
+        fail_first=[e.id for e in rng.sample(events, len(events) // 20)],
+    )
+    harnesses.append(harness)
+    workload = harness.prepare(events)
+    stream = interleave(workload.queues)
+    asyncio.run(publish(amqp_url, harness.queue, stream))
+    harness.start()
+
+    harness.wait_for(lambda: harness.handled_share() >= 1 / 3, 120, "a third handled", poll=0.01)
+    held_when_killed = harness.holding("c1")
+    harness.kill("c1")
+    harness.wait_for(harness.all_handled, 120, "every event handled")
+    harness.wait_for(
+        lambda: asyncio.run(queue_state(amqp_url, harness.queue)).message_count == 0,
+        60,
+        "the queue to empty",
+    )
+    harness.stop()
+    after = asyncio.run(queue_state(amqp_url, harness.queue))
+    report = harness.check()
+    counts = harness.broker_counts()
+    print(
+        f"rabbitmq {dialect}: published={len(stream)} (events={len(events)}, "
+        f"duplicates={workload.duplicates}) consumers={CONSUMERS} prefetch={PREFETCH} "
+        f"by the surviving consumers: received={counts['received']} acked={counts['acked']} "
+        f"nacked={counts['nacked']} redelivered={counts['redelivered']}; "
+        f"held_by_killed_consumer={held_when_killed} "
+        f"handled={report.handled} handlings={report.handlings} "
+        f"lost_followers_handed_out={report.workers_results.lost_followers} "
+        f"queue_after=(ready={after.message_count}, consumers={after.consumer_count})"
+    )
+    report.assert_rules()
+    assert report.swept == []
+    assert (after.message_count, after.consumer_count) == (0, 0), "messages left unacknowledged"
+    assert held_when_killed > 0, "the killed consumer held no message: kill it earlier"
+    assert counts["nacked"] > 0, "no message was nacked and requeued"
+    assert counts["redelivered"] > 0, "RabbitMQ redelivered nothing"
+    assert set(report.workers_results.errors) <= {"HandlerFailed"}, (
+        report.workers_results.error_samples[:5]
+    )
