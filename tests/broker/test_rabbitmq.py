@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -31,36 +30,18 @@ from uuid import UUID
 
 import aio_pika
 import pytest
-from pamqp.commands import Queue as QueueMethods
 
 from ordering import ReceivedEvent
 from ordering.models import utc_now
-from tests.conftest import IN_CI
 from tests.fault.harness import REPO, SEED, Harness, WorkerDied
 from tests.fault.workload import make_chains
 
-AMQP_URL = os.environ.get("ORDERING_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+from .rabbitmq import AMQP_URL, delete_queue, queue_state, rabbitmq_url
+
 CONSUMERS = 3
 PREFETCH = 8
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def rabbitmq_url() -> str:
-    """The broker's URL, once it answers; else a skip (a failure under CI=true)."""
-
-    async def ping() -> None:
-        connection = await aio_pika.connect(AMQP_URL, timeout=10)
-        await connection.close()
-
-    try:
-        asyncio.run(ping())
-    except Exception as exc:
-        message = f"RabbitMQ at {AMQP_URL} is unreachable: {exc!r}"
-        if IN_CI:
-            pytest.fail(message + " (CI=true: this is a failure, not a skip)")
-        pytest.skip(message)
-    return AMQP_URL
 
 
 async def publish(url: str, queue: str, events: list[ReceivedEvent]) -> None:
@@ -71,22 +52,6 @@ async def publish(url: str, queue: str, events: list[ReceivedEvent]) -> None:
         for event in events:
             body = event.model_dump_json().encode()
             await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
-
-
-async def queue_state(url: str, queue: str) -> QueueMethods.DeclareOk:
-    """Messages ready and consumers, by a passive declare (no management plugin)."""
-    connection = await aio_pika.connect(url, timeout=30)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result
-
-
-async def delete_queue(url: str, queue: str) -> None:
-    connection = await aio_pika.connect(url, timeout=30)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(queue)
 
 
 def interleave(queues: list[list[ReceivedEvent]]) -> list[ReceivedEvent]:
