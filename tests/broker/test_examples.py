@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from ordering.migrate import upgrade
 from tests.fault.harness import REPO
 
-from .rabbitmq import delete_queue, rabbitmq_url
+from . import jetstream, rabbitmq
 
 EXAMPLES = REPO / "examples"
 
@@ -28,28 +32,47 @@ def wait_for_lines(path: Path, prefix: str, count: int, timeout: float = 60) -> 
         if len(lines) >= count:
             return lines[:count]
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out waiting for {count} {prefix!r} lines:\n{path.read_text()}"
-            )
+            held = path.read_text()
+            raise AssertionError(f"timed out waiting for {count} {prefix!r} lines:\n{held}")
         time.sleep(0.05)
 
 
-def test_the_rabbitmq_example_prints_a_jumbled_chain_in_order(tmp_path: Path) -> None:
-    amqp_url = rabbitmq_url()
+def rabbitmq_example() -> tuple[dict[str, str], Callable[[], Coroutine[Any, Any, None]]]:
+    url = rabbitmq.rabbitmq_url()
     queue = f"ordering-example-{uuid.uuid4().hex[:10]}"
+    return {"AMQP_URL": url, "QUEUE": queue}, lambda: rabbitmq.delete_queue(url, queue)
+
+
+def nats_example() -> tuple[dict[str, str], Callable[[], Coroutine[Any, Any, None]]]:
+    url = jetstream.nats_url()
+    stream = f"ORDERING_EXAMPLE_{uuid.uuid4().hex[:10].upper()}"
+    return {"NATS_URL": url, "STREAM": stream}, lambda: jetstream.delete_stream(url, stream)
+
+
+@pytest.mark.parametrize(
+    ("script", "broker"),
+    [("rabbitmq_consumer.py", rabbitmq_example), ("nats_consumer.py", nats_example)],
+    ids=["rabbitmq", "nats"],
+)
+def test_an_example_prints_a_jumbled_chain_in_order(
+    tmp_path: Path,
+    script: str,
+    broker: Callable[[], tuple[dict[str, str], Callable[[], Coroutine[Any, Any, None]]]],
+) -> None:
+    settings, clean_up = broker()
     database = f"sqlite+aiosqlite:///{tmp_path / 'ordering.db'}"
     upgrade(database)
-    env = {**os.environ, "AMQP_URL": amqp_url, "QUEUE": queue, "ORDERING_DATABASE_URL": database}
-    script = str(EXAMPLES / "rabbitmq_consumer.py")
+    env = {**os.environ, **settings, "ORDERING_DATABASE_URL": database}
+    path = str(EXAMPLES / script)
     try:
         published = subprocess.run(
-            [sys.executable, script, "publish"], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, path, "publish"], env=env, capture_output=True, text=True, timeout=60
         )
         assert published.returncode == 0, published.stderr
         output = tmp_path / "consume.out"
         with output.open("w") as out:
             consumer = subprocess.Popen(
-                [sys.executable, script, "consume"], env=env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, path, "consume"], env=env, stdout=out, stderr=subprocess.STDOUT
             )
         try:
             handled = wait_for_lines(output, "handled ", 5)
@@ -59,4 +82,4 @@ def test_the_rabbitmq_example_prints_a_jumbled_chain_in_order(tmp_path: Path) ->
         assert code == 0, output.read_text()
         assert handled == [f"handled order.step-{step}" for step in range(5)]
     finally:
-        asyncio.run(delete_queue(amqp_url, queue))
+        asyncio.run(clean_up())
