@@ -12,8 +12,6 @@ import contextvars
 import itertools
 import logging
 import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,14 +42,16 @@ from .constants import (
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
 )
-from .engine import resolve_url
+from .engine import resolve_url, url_deadline, with_deadline
 from .events import EventModel, OrderedEvent, as_uuid, checked_event, event_id, is_follower
 from .exceptions import (
     EventAlreadyProcessed,
     EventArrivedEarly,
     EventBeingProcessed,
     MaxDepthExceeded,
+    StoreUnavailable,
 )
+from .loops import process_token
 from .models import ReceivedEvent, utc_now
 from .renewal import close_keeper, keeper
 from .schema import resolve_schema
@@ -68,14 +68,15 @@ class EventHandler(Protocol[E_contra]):
     def __call__(self, event: E_contra, /, depth: int = 0) -> Awaitable[None]: ...
 
 
-#: Names this process in lease and claim owners, so that audits can tell who holds what.
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 _owner_serial = itertools.count()
 
 
 def _new_owner() -> str:
-    """A fresh token for one lease or one batch of claims: unique, readable."""
-    return f"{WORKER_ID}:{next(_owner_serial)}"
+    """A fresh token for one lease or one batch of claims: unique among processes,
+    forked ones included (a lease may be taken again by its own owner, so two
+    processes must never make the same one), and readable in audits: it names the
+    host and process."""
+    return f"{process_token()}:{next(_owner_serial)}"
 
 
 @dataclass
@@ -109,6 +110,10 @@ def _let_go(key: _LeaseKey, lease: _Lease) -> None:
     current = _task_leases.get()
     if current.get(key) is lease:
         _task_leases.set(MappingProxyType({k: v for k, v in current.items() if k != key}))
+
+
+# A child forked in the middle of a task holds none of the parent's leases.
+os.register_at_fork(after_in_child=lambda: _task_leases.set(MappingProxyType({})))
 
 
 _EVENT_FIELDS = frozenset({"id", "follows", "occurred", "received"})
@@ -148,6 +153,7 @@ class CausalOrdering(Generic[E]):
         poll_interval: float = ...,
         notify: bool = ...,
         schema: str | None = ...,
+        deadline: timedelta | None = ...,
     ) -> None: ...
 
     @overload
@@ -166,6 +172,7 @@ class CausalOrdering(Generic[E]):
         poll_interval: float = ...,
         notify: bool = ...,
         schema: str | None = ...,
+        deadline: timedelta | None = ...,
     ) -> None: ...
 
     def __init__(
@@ -183,6 +190,7 @@ class CausalOrdering(Generic[E]):
         poll_interval: float = 0.25,
         notify: bool = True,
         schema: str | None = None,
+        deadline: timedelta | None = None,
     ) -> None:
         if not isinstance(scope, str) or not scope or len(scope) > 200:
             raise ValueError(
@@ -195,6 +203,8 @@ class CausalOrdering(Generic[E]):
         ):
             if value <= timedelta(0):
                 raise ValueError(f"{name} must be positive, not {value}")
+        if deadline is not None and deadline <= timedelta(0):
+            raise ValueError(f"deadline must be positive, not {deadline}")
         if in_flight_event_timeout < timedelta(0):
             raise ValueError(
                 f"in_flight_event_timeout must not be negative, not {in_flight_event_timeout}"
@@ -211,6 +221,11 @@ class CausalOrdering(Generic[E]):
             )
         self.scope = scope
         self.url = resolve_url(url)
+        if deadline is not None:
+            self.url = with_deadline(self.url, deadline.total_seconds())
+        #: How long any call of the store may take, all its attempts included, before it
+        #: raises StoreUnavailable (``deadline=``, else the URL's ``?deadline=``).
+        self.deadline = timedelta(seconds=url_deadline(self.url))
         self.clock: Callable[[], datetime] = clock or utc_now
         self.event_type: type[Any] = event_type or ReceivedEvent
         # The overloads tie E to event_type (ReceivedEvent when none is given).
@@ -361,6 +376,11 @@ class CausalOrdering(Generic[E]):
             done = True
         except EventArrivedEarly as early:
             done = _parked_here(early, event.id)  # parking released the lease
+            raise
+        except StoreUnavailable:
+            # The store did not answer within the deadline; giving the lease back would
+            # wait as long again.  It expires after lease_duration instead.
+            done = True
             raise
         finally:
             _let_go(self._key(event.id), lease)
@@ -612,6 +632,11 @@ class CausalOrdering(Generic[E]):
         except EventArrivedEarly as early:
             done = _parked_here(early, event.id)  # parking released the lease
             raise
+        except StoreUnavailable:
+            # The store did not answer within the deadline; giving the lease back would
+            # wait as long again.  It expires after lease_duration instead.
+            done = True
+            raise
         finally:
             if not done and held is None:
                 await _shielded(backend.release(scope=self.scope, event_id=event.id, owner=owner))
@@ -668,6 +693,11 @@ class CausalOrdering(Generic[E]):
                     )
         except MaxDepthExceeded:
             self._log(leader, "reached its max depth of %s followers processed.", self.max_depth)
+        except StoreUnavailable:
+            # The store did not answer: rather than wait again to give the claims back,
+            # let them expire (lease_duration); the lost-follower sweep hands them out.
+            pending.clear()
+            raise
         finally:
             keeper().release(kept)
             if pending:

@@ -1,18 +1,15 @@
-"""Database URLs: which one to use, checked once; and one shared backend per URL and loop."""
+"""Database URLs: which one to use, checked once, and how each driver is given it."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
 import re
-import weakref
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import asyncpg
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 logger = logging.getLogger(__name__)
@@ -53,12 +50,59 @@ def _checked_url(chosen: str) -> str:
             "the URL sets search_path, which the store sets to its own schema: "
             "name the schema with schema= or $ORDERING_SCHEMA instead"
         )
+    if DEADLINE_PARAMETER in parsed.query:
+        _deadline_seconds(parsed.query[DEADLINE_PARAMETER])  # refuses a bad one
     if parsed.drivername.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
         raise ValueError(
             "an in-memory SQLite database is not shared between connections: "
             "give a file, e.g. sqlite+aiosqlite:///ordering.db"
         )
     return parsed.render_as_string(hide_password=False)
+
+
+#: The URL query's name for the deadline of every call of the store (seconds).
+DEADLINE_PARAMETER = "deadline"
+
+#: How long a call of the store may take, all attempts included, unless the URL or the
+#: ordering says otherwise.
+DEFAULT_DEADLINE = 10.0
+
+
+def _deadline_seconds(given: object) -> float:
+    text = given[-1] if isinstance(given, tuple) else given
+    try:
+        seconds = float(str(text))
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(
+            f"the URL's {DEADLINE_PARAMETER}= must be a positive number of seconds, not {text!r}"
+        )
+    return seconds
+
+
+@functools.lru_cache(maxsize=64)
+def url_deadline(url: str) -> float:
+    """The deadline of every call of the store on a checked URL, in seconds."""
+    given = make_url(url).query.get(DEADLINE_PARAMETER)
+    return DEFAULT_DEADLINE if given is None else _deadline_seconds(given)
+
+
+@functools.lru_cache(maxsize=64)
+def with_deadline(url: str, seconds: float) -> str:
+    """The checked URL with its deadline set to ``seconds``."""
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"deadline must be a positive time, not {seconds} seconds")
+    return (
+        make_url(url)
+        .update_query_dict({DEADLINE_PARAMETER: f"{seconds:g}"})
+        .render_as_string(hide_password=False)
+    )
+
+
+def _driver_url(url: str) -> URL:
+    """The URL as a driver takes it: without the store's own parameter."""
+    return make_url(url).difference_update_query([DEADLINE_PARAMETER])
 
 
 def _mask_password(text: str) -> str:
@@ -73,59 +117,24 @@ def safe_url(url: str) -> str:
 
 def asyncpg_dsn(url: str) -> str:
     """What asyncpg connects to for a checked PostgreSQL URL: the same URL, query and
-    all.  asyncpg reads connection options from the query (``sslmode``) and passes on
-    the rest as server settings, e.g. ``?synchronous_commit=off``."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    all but the store's ``deadline``.  asyncpg reads connection options from the query
+    (``sslmode``) and passes on the rest as server settings, e.g.
+    ``?synchronous_commit=off``."""
+    return _driver_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def engine_for(url: str, **options: Any) -> AsyncEngine:
     """A SQLAlchemy engine on a checked URL (``options`` go to ``create_async_engine``),
     for migrations, schema reads and tools.  On PostgreSQL it connects as the store
     does (see ``asyncpg_dsn``): SQLAlchemy would pass a server setting in the query to
-    asyncpg as an unknown keyword."""
+    asyncpg as an unknown keyword.  Connecting waits at most the URL's deadline; the
+    statements of a migration may take longer, and are not bounded."""
     if not url.startswith("postgresql"):
-        return create_async_engine(url, **options)
+        return create_async_engine(_driver_url(url), **options)
     dsn = asyncpg_dsn(url)
-    return create_async_engine(url, async_creator=lambda: asyncpg.connect(dsn), **options)
-
-
-T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    """Hands out one shared object per (event loop, URL); built lazily, cheap to look up.
-
-    Async connections belong to the loop that opened them, so each loop gets its own
-    backend; a loop that is gone takes its backends with it.
-    """
-
-    def __init__(self) -> None:
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, T]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self.urls_opened: set[str] = set()
-
-    def get(self, url: str, factory: Callable[[str], T]) -> T:
-        loop = asyncio.get_running_loop()
-        per_loop = self._by_loop.get(loop)
-        if per_loop is None:
-            per_loop = self._by_loop[loop] = {}
-        found = per_loop.get(url)
-        if found is None:
-            found = per_loop[url] = factory(url)
-            self.urls_opened.add(url)
-        return found
-
-    def current(self) -> list[T]:
-        """The objects built for the running loop."""
-        loop = asyncio.get_running_loop()
-        return list(self._by_loop.get(loop, {}).values())
-
-    def forget_current(self) -> list[T]:
-        """Hand over the running loop's objects and forget their URLs (the caller closes
-        them; a database dropped since must not be visited by clear_all_scopes)."""
-        loop = asyncio.get_running_loop()
-        gone = self._by_loop.pop(loop, {})
-        still_open = {url for per_loop in self._by_loop.values() for url in per_loop}
-        self.urls_opened -= set(gone) - still_open
-        return list(gone.values())
+    timeout = url_deadline(url)
+    return create_async_engine(
+        _driver_url(url),
+        async_creator=lambda: asyncpg.connect(dsn, timeout=timeout),
+        **options,
+    )

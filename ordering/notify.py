@@ -75,11 +75,15 @@ class Notifications:
     """One LISTEN connection per backend (URL and event loop), shared by every waiter.
 
     ``connect`` opens an asyncpg connection; this class only uses its public
-    ``add_listener``, ``is_closed`` and ``close``.
+    ``add_listener``, ``is_closed``, ``close`` and ``terminate``.
     """
 
-    def __init__(self, connect: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, connect: Callable[[], Awaitable[Any]], *, timeout: float) -> None:
         self._connect = connect
+        #: How long setting up the LISTEN connection may take; after a failure, how
+        #: long followers poll before it is tried again.
+        self._timeout = timeout
+        self._retry_at = 0.0
         self._driver: Any = None
         self._wakeups: Wakeups[str] = Wakeups()
         self._lock = asyncio.Lock()
@@ -87,20 +91,24 @@ class Notifications:
     async def _listening(self) -> bool:
         if self._driver is not None and not self._driver.is_closed():
             return True
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._retry_at:
+            return False
         async with self._lock:
             if self._driver is not None and not self._driver.is_closed():
                 return True
+            if loop.time() < self._retry_at:
+                return False
             await self._close_connection()
             driver = None
             try:
-                driver = await self._connect()
-                await driver.add_listener(CHANNEL, self._notified)
+                async with asyncio.timeout(self._timeout):
+                    driver = await self._connect()
+                    await driver.add_listener(CHANNEL, self._notified)
             except Exception:
                 if driver is not None:
-                    try:
-                        await driver.close(timeout=1)
-                    except Exception:
-                        logger.debug("closing a failed LISTEN connection failed", exc_info=True)
+                    driver.terminate()
+                self._retry_at = loop.time() + self._timeout
                 logger.warning(
                     "cannot LISTEN for completions; followers will poll instead", exc_info=True
                 )

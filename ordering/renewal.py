@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from .loops import Registry
 
 logger = logging.getLogger("ordering")
 
@@ -84,22 +85,14 @@ class LeaseKeeper:
             task.cancel()
 
 
-_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = (
-    weakref.WeakKeyDictionary()
-)
+_keepers: Registry[LeaseKeeper] = Registry()
 
 
 def keeper() -> LeaseKeeper:
     """The running loop's keeper."""
-    loop = asyncio.get_running_loop()
-    found = _keepers.get(loop)
-    if found is None:
-        found = _keepers[loop] = LeaseKeeper(loop)
-    return found
+    return _keepers.get("", lambda _: LeaseKeeper(asyncio.get_running_loop()))
 
 
 def close_keeper() -> None:
-    loop = asyncio.get_running_loop()
-    found = _keepers.pop(loop, None)
-    if found is not None:
+    for found in _keepers.forget_current():
         found.close()

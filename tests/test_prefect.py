@@ -209,8 +209,8 @@ def throwaway_url(empty_url: str) -> Iterator[str]:
     yield empty_url
     for url in (empty_url, _with_password(empty_url)):
         resolved = resolve_url(url)
-        _registry.urls_opened.discard(resolved)  # SQLite's key
-        _registry.urls_opened.discard(f"{resolved}#{resolve_schema()}")  # PostgreSQL's
+        _registry.keys_opened.discard(resolved)  # SQLite's key
+        _registry.keys_opened.discard(f"{resolved}#{resolve_schema()}")  # PostgreSQL's
 
 
 async def test_a_missing_schema_names_the_migrate_command_without_the_password(

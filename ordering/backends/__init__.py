@@ -7,7 +7,7 @@ module more, and one line in ``_DIALECTS``.
 
 from __future__ import annotations
 
-from ..engine import Registry
+from ..loops import Registry
 from ..schema import resolve_schema
 from .base import (
     Backend,
@@ -55,7 +55,7 @@ def use_backend(url: str, backend: Backend, *, schema: str | None = None) -> Non
 def opened() -> set[tuple[str, str | None]]:
     """(URL, PostgreSQL schema or None) of every backend this process built."""
     found: set[tuple[str, str | None]] = set()
-    for key in _registry.urls_opened:
+    for key in _registry.keys_opened:
         url, _, schema = key.partition("#")
         found.add((url, schema or None))
     return found

@@ -7,38 +7,50 @@ values and answering with a small result.  One module per dialect implements it
 live here, in ``Connections.run``: every statement of every operation, the operators'
 included, goes through it.
 
-Retries
--------
-A connection that fails is dropped and the operation tried again, a bounded number of
-times with exponential backoff.  A failure before the statement left the client is
-always safe to retry; after it may have been sent, only idempotent operations are
-retried.  Every write of the store is idempotent for its caller's token (a lease or
-claim already ours is taken again; an upsert writes the same row), except
-``take_lost_followers``, whose DELETE hands rows out once and so is never repeated
-blindly.  Which errors count as a lost connection is decided by exception class and
-SQLSTATE (PostgreSQL) or result code (SQLite), never by message text.
+Deadlines and retries
+---------------------
+Every call of the store has one deadline (``deadline``, from the URL's ``?deadline=``
+or the ordering's ``deadline=``; 10 seconds unless set): everything the call waits for
+counts against it: a free connection, connecting, the statement, a lock the statement
+waits for, the backoff between attempts, and the time a call spends queued for a shared
+round trip (batching.py).  When it has passed, the call raises ``StoreUnavailable``.
+
+A connection that fails is dropped and the operation tried again on another one, with
+jittered exponential backoff.  Each attempt may take at most a third of the deadline
+(``attempt_seconds``), so a connection that went silent (a hung server, a half-open
+network path) is given up while there is time to try a fresh one.  A failure before
+the statement could change anything is always safe to retry; after it may have been
+applied, only idempotent operations are retried.  Every write of the store is
+idempotent for its caller's token (a lease or claim already ours is taken again; an
+upsert writes the same row), except ``take_lost_followers``, whose DELETE hands rows out
+once and so is never repeated blindly.  Which errors count as a lost connection is
+decided by exception class and SQLSTATE (PostgreSQL) or result code (SQLite), never by
+message text.
 
 The retry loop is written out here rather than taken from a retry library: every
 statement of the hot path goes through it, and a library's per-call machinery
 (tenacity's AsyncRetrying: about 57 us per call, measured beside 0.8 us for this loop)
-would cost more than some of the statements; the loop also has to tell "never sent"
-from "maybe sent", which such libraries do not model.
+would cost more than some of the statements; the loop also has to tell "changed
+nothing" from "maybe applied", which such libraries do not model.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import enum
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
+from ..engine import url_deadline
 from ..exceptions import SchemaError, StoreUnavailable
 from ..notify import Waiter
 from ..schema import check_revision
@@ -311,10 +323,43 @@ class Backend(abc.ABC):
 # -- the choke point -----------------------------------------------------------------
 
 
+#: When the call the running task makes gives up (event loop time), if a caller up the
+#: stack set it: a batch runs until its earliest caller's deadline, and an operation
+#: run inside another (the schema check before the first) shares the outer deadline.
+_gives_up_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "ordering_gives_up_at", default=None
+)
+#: When the running attempt must be over (event loop time).
+_attempt_ends: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "ordering_attempt_ends", default=float("inf")
+)
+
+
+def seconds_left() -> float:
+    """What is left of the running attempt's time: for a wait that cannot be cancelled
+    (SQLite's busy timeout, in a worker thread) to bound itself."""
+    return max(0.0, _attempt_ends.get() - asyncio.get_running_loop().time())
+
+
+def gives_up_at_most() -> float:
+    """When the running task's call gives up at the latest, if a caller set it."""
+    return _gives_up_at.get() or float("inf")
+
+
+@contextmanager
+def giving_up_at(when: float | None) -> Iterator[None]:
+    """Calls made in the block give up at ``when`` (event loop time) at the latest."""
+    token = _gives_up_at.set(when)
+    try:
+        yield
+    finally:
+        _gives_up_at.reset(token)
+
+
 class Connections(Generic[C], abc.ABC):
     """Connections of one backend: at most ``max_connections`` in use at once, every
-    operation run with bounded retries, and those opened kept between operations until
-    they go unused for ``idle_seconds``.
+    operation run within the deadline with retries, and those opened kept between
+    operations until they go unused for ``idle_seconds``.
 
     Keeping them matters under concurrency: a new connection costs a connect, and its
     first statements a prepare each and a lookup of their array types (milliseconds),
@@ -329,14 +374,22 @@ class Connections(Generic[C], abc.ABC):
         self,
         url: str,
         *,
-        retries: int = 8,
+        deadline: float | None = None,
         backoff: float = 0.05,
         backoff_max: float = 2.0,
         max_connections: int = 30,
         idle_seconds: float = 60.0,
     ) -> None:
         self.url = url
-        self.retries = retries
+        #: Seconds a call may take in all (see the module's docstring).
+        self.deadline = url_deadline(url) if deadline is None else deadline
+        #: Seconds one attempt may take: connecting and running its statements.  An
+        #: attempt is tried again only if a whole one still fits in the deadline, so
+        #: the server's own timeouts (``server_timeout_ms``) always end a statement
+        #: before its caller gives up on it: a statement given up on is rolled back,
+        #: not left waiting for a lock to be applied later.
+        self.attempt_seconds = self.deadline / 3
+        self.server_timeout_ms = max(1, int(self.attempt_seconds * 800))
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.idle_seconds = idle_seconds
@@ -350,22 +403,30 @@ class Connections(Generic[C], abc.ABC):
 
     # what a dialect says
     @abc.abstractmethod
-    async def connect(self) -> C: ...
+    async def connect(self) -> C:
+        """Open a connection, waiting at most ``attempt_seconds``."""
 
     @abc.abstractmethod
     async def close(self, connection: C) -> None:
-        """Close quietly: the connection may be broken already."""
+        """Close quietly, waiting a moment at most: the connection may be broken already."""
+
+    @abc.abstractmethod
+    def discard(self, connection: C) -> None:
+        """Drop a connection that failed or timed out, at once, without a word to the
+        server (which may not answer)."""
 
     @abc.abstractmethod
     def is_usable(self, connection: C) -> bool: ...
 
     @abc.abstractmethod
     def is_transient(self, exc: BaseException) -> bool:
-        """A lost or refused connection, or a busy database: worth trying again."""
+        """A lost or refused connection, a busy database, a statement that lost a race
+        or ran out of time: worth trying again."""
 
     @abc.abstractmethod
-    def never_sent(self, exc: BaseException, connection: C | None) -> bool:
-        """The statement certainly did not reach the database."""
+    def changed_nothing(self, exc: BaseException, connection: C | None) -> bool:
+        """The failed statement certainly changed nothing: it never reached the
+        database, or the database rolled it back."""
 
     @abc.abstractmethod
     def is_database_error(self, exc: BaseException) -> bool:
@@ -385,7 +446,7 @@ class Connections(Generic[C], abc.ABC):
             connection, _ = self._idle.pop()
             if self.is_usable(connection):
                 return connection
-            await self.close(connection)
+            self.discard(connection)
         return await self.connect()
 
     async def _give_back(self, connection: C) -> None:
@@ -393,7 +454,7 @@ class Connections(Generic[C], abc.ABC):
             self._idle.append((connection, time.monotonic()))
             self._close_unused_later()
         else:
-            await self.close(connection)
+            self.discard(connection)
 
     def _close_unused_later(self) -> None:
         """Close the connections left unused for ``idle_seconds``, even if no operation
@@ -426,67 +487,96 @@ class Connections(Generic[C], abc.ABC):
         for connection, _ in idle:
             await self.close(connection)
 
+    def _drop_idle(self) -> None:
+        """The server may have dropped every connection: drop the idle ones too."""
+        idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            self.discard(connection)
+
     @asynccontextmanager
     async def held(self) -> AsyncIterator[C]:
-        """One connection for a caller that manages its own statements (no retries)."""
+        """One connection for a caller that manages its own statements (no retries,
+        no deadline on its statements)."""
         async with self._slots:
             connection = await self._acquire()
             try:
                 yield connection
             except BaseException:
-                await self.close(connection)
+                self.discard(connection)
                 raise
             await self._give_back(connection)
 
     async def run(self, operation: Callable[[C], Awaitable[T]], *, idempotent: bool = True) -> T:
-        """Run ``operation`` on a connection, retrying lost connections within bounds."""
-        if self.before_first_use is not None:
-            check, self.before_first_use = self.before_first_use, None
-            try:
-                await check()
-            except BaseException:
-                self.before_first_use = check
-                raise
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            connection: C | None = None
-            async with self._slots:
+        """Run ``operation`` on a connection, retrying lost connections, within the
+        deadline of the call (see the module's docstring)."""
+        loop = asyncio.get_running_loop()
+        gives_up_at = _gives_up_at.get()
+        if gives_up_at is None:
+            gives_up_at = loop.time() + self.deadline
+        with giving_up_at(gives_up_at):
+            if self.before_first_use is not None:
+                check, self.before_first_use = self.before_first_use, None
                 try:
+                    await check()
+                except BaseException:
+                    self.before_first_use = check
+                    raise
+            return await self._attempts(operation, idempotent, gives_up_at)
+
+    async def _attempts(
+        self, operation: Callable[[C], Awaitable[T]], idempotent: bool, gives_up_at: float
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        delay = self.backoff
+        attempt = 0
+        while True:
+            attempt += 1
+            ends = min(gives_up_at, loop.time() + self.attempt_seconds)
+            connection: C | None = None
+            token = _attempt_ends.set(ends)
+            try:
+                async with asyncio.timeout_at(ends), self._slots:
                     connection = await self._acquire()
                     result = await operation(connection)
-                except BaseException as exc:
-                    if connection is not None:
-                        await self.close(connection)
-                    if not self.is_database_error(exc) or not self.is_transient(exc):
-                        raise
-                    sent = connection is not None and not self.never_sent(exc, connection)
-                    # The server may have dropped every connection: the idle ones too.
-                    await self.close_idle()
-                    if sent and not idempotent:
-                        raise StoreUnavailable(
-                            f"lost the connection to {self.safe_url()} during an operation "
-                            f"that is not safe to repeat: {_first_line(exc)}"
-                        ) from exc
-                    if attempt == self.retries:
-                        raise StoreUnavailable(
-                            f"{self.safe_url()} is unavailable after {attempt + 1} attempts: "
-                            f"{_first_line(exc)}"
-                        ) from exc
-                    logger.warning(
-                        "database operation failed (%s: %s), retrying in %.2fs (attempt %d of %d)",
-                        type(exc).__name__,
-                        _first_line(exc),
-                        delay,
-                        attempt + 1,
-                        self.retries,
-                        extra={"url": self.safe_url(), "attempt": attempt + 1},
-                    )
-                else:
                     await self._give_back(connection)
                     return result
-            await asyncio.sleep(delay)
+            except BaseException as exc:
+                if connection is not None:
+                    self.discard(connection)
+                if not self.is_database_error(exc) or not self.is_transient(exc):
+                    raise
+                self._drop_idle()
+                if not idempotent and not self.changed_nothing(exc, connection):
+                    raise StoreUnavailable(
+                        f"lost the connection to {self.safe_url()} during an operation "
+                        f"that is not safe to repeat: {_described(exc)}"
+                    ) from exc
+                # Equal jitter: workers that failed together do not come back together.
+                pause = random.uniform(delay / 2, delay)
+                if loop.time() + pause + self.attempt_seconds > gives_up_at:
+                    raise StoreUnavailable(
+                        f"{self.safe_url()} is unavailable: gave up after {attempt} "
+                        f"attempt{'s' if attempt > 1 else ''} within the deadline of "
+                        f"{self.deadline:g} s (the URL's ?deadline=, or deadline= of the "
+                        f"ordering): {_described(exc)}"
+                    ) from exc
+                logger.warning(
+                    "database operation failed (%s), retrying in %.2fs (attempt %d)",
+                    _described(exc),
+                    pause,
+                    attempt,
+                    extra={"url": self.safe_url(), "attempt": attempt},
+                )
+            finally:
+                _attempt_ends.reset(token)
+            await asyncio.sleep(pause)
             delay = min(delay * 2, self.backoff_max)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _described(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer within the attempt's time"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

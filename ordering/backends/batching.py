@@ -11,6 +11,9 @@ into a round trip of one and one of the rest.  Each caller
 still gets its own answer, and its own error: when a batch fails for a reason other
 than a lost database, its calls are tried again one at a time, so that an error lands
 on the call that caused it.
+
+A queued call's deadline runs from when it was made: its round trip gives up at the
+earliest deadline of the calls it carries (see base.py).
 """
 
 from __future__ import annotations
@@ -18,14 +21,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ..exceptions import OrderingError
+from .base import gives_up_at_most, giving_up_at
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 A = TypeVar("A")
+
+
+@dataclass(slots=True)
+class _Call(Generic[R, A]):
+    """A queued call: its request, its caller's future, and when it gives up."""
+
+    request: R
+    future: asyncio.Future[A]
+    gives_up_at: float
 
 
 class Batcher(Generic[R, A]):
@@ -43,12 +57,14 @@ class Batcher(Generic[R, A]):
         max_batch: int = 256,
         max_in_flight: int = 1,
         orphaned: Callable[[R, A], None] | None = None,
+        deadline: float = float("inf"),
     ) -> None:
         self._send = send
+        self._deadline = deadline
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._orphaned = orphaned
-        self._queue: list[tuple[R, asyncio.Future[A]]] = []
+        self._queue: list[_Call[R, A]] = []
         self._in_flight = 0
         self._flushing: set[asyncio.Task[None]] = set()
         self._drain_scheduled = False
@@ -63,8 +79,10 @@ class Batcher(Generic[R, A]):
                 return answer
             finally:
                 self._returned(1)
-        future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
-        self._queue.append((request, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[A] = loop.create_future()
+        gives_up_at = min(loop.time() + self._deadline, gives_up_at_most())
+        self._queue.append(_Call(request, future, gives_up_at))
         self._drain_soon()
         return await future
 
@@ -91,13 +109,15 @@ class Batcher(Generic[R, A]):
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
-    async def _flush(self, batch: list[tuple[R, asyncio.Future[A]]]) -> None:
-        live = [(request, future) for request, future in batch if not future.done()]
+    async def _flush(self, batch: list[_Call[R, A]]) -> None:
+        live = [(call.request, call.future) for call in batch if not call.future.done()]
         try:
             if not live:
                 return
+            gives_up_at = min(call.gives_up_at for call in batch if not call.future.done())
             try:
-                answers = await self._send([request for request, _ in live])
+                with giving_up_at(gives_up_at):
+                    answers = await self._send([request for request, _ in live])
             except OrderingError as exc:  # the database is gone: every caller hears it
                 for _, future in live:
                     if not future.done():
@@ -107,12 +127,13 @@ class Batcher(Generic[R, A]):
                 if len(live) == 1:
                     raise
                 logger.debug("a batch of %d failed; trying its calls one by one", len(live))
-                await self._one_by_one(live)
+                with giving_up_at(gives_up_at):
+                    await self._one_by_one(live)
                 return
             for (request, future), answer in zip(live, answers, strict=True):
                 self._deliver(request, future, answer)
         except BaseException as exc:
-            for _, future in batch:
+            for _, future in live:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):

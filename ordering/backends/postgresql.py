@@ -48,7 +48,7 @@ from .batching import Batcher
 logger = logging.getLogger(__name__)
 
 #: Errors that say the connection (or the server) went away, or that the statement
-#: lost a race and may simply be run again, by SQLSTATE class or code.
+#: lost a race or ran out of time and may simply be run again, by SQLSTATE class or code.
 _TRANSIENT_SQLSTATE_CLASSES = ("08",)  # connection exception
 _TRANSIENT_SQLSTATES = frozenset(
     {
@@ -58,8 +58,14 @@ _TRANSIENT_SQLSTATES = frozenset(
         "40P01",  # deadlock_detected: the other side went ahead
         "40001",  # serialization_failure
         "53300",  # too_many_connections
+        "55P03",  # lock_not_available: lock_timeout, another session holds the lock
+        "57014",  # query_canceled: statement_timeout
+        "25006",  # read_only_sql_transaction: the server is (now) a standby
     }
 )
+
+#: Errors after which the server certainly rolled the statement back.
+_ROLLED_BACK_SQLSTATES = frozenset({"40P01", "40001", "55P03", "57014", "25006"})
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -80,15 +86,25 @@ class PostgresConnections(Connections[asyncpg.Connection]):
         given = make_url(url).query
         self._settings = {k: v for k, v in _DEFAULT_SETTINGS.items() if k not in given}
         self._settings["search_path"] = schema  # the URL may not set it (engine.py)
+        # The server ends a statement (or its wait for a lock) before the attempt's
+        # time is up, and rolls it back: see Connections.attempt_seconds.
+        for setting in ("statement_timeout", "lock_timeout"):
+            if setting not in given:
+                self._settings[setting] = str(self.server_timeout_ms)
 
     async def connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self._dsn, server_settings=self._settings)
+        return await asyncpg.connect(
+            self._dsn, server_settings=self._settings, timeout=self.attempt_seconds
+        )
 
     async def close(self, connection: asyncpg.Connection) -> None:
         try:
             await connection.close(timeout=1)
         except Exception:
             connection.terminate()
+
+    def discard(self, connection: asyncpg.Connection) -> None:
+        connection.terminate()
 
     def is_usable(self, connection: asyncpg.Connection) -> bool:
         return not connection.is_closed()
@@ -108,7 +124,15 @@ class PostgresConnections(Connections[asyncpg.Connection]):
     def is_transient(self, exc: BaseException) -> bool:
         if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
             return False
-        if self.never_sent(exc, None) or isinstance(exc, (OSError, TimeoutError)):
+        if isinstance(
+            exc,
+            (
+                asyncpg.InterfaceError,
+                asyncpg.exceptions.InternalClientError,
+                OSError,
+                TimeoutError,
+            ),
+        ):
             # a refused or reset connection, a closed connection, a stuck protocol
             return True
         code = _sqlstate(exc)
@@ -116,11 +140,15 @@ class PostgresConnections(Connections[asyncpg.Connection]):
             code in _TRANSIENT_SQLSTATES or code[:2] in _TRANSIENT_SQLSTATE_CLASSES
         )
 
-    def never_sent(self, exc: BaseException, connection: asyncpg.Connection | None) -> bool:
+    def changed_nothing(self, exc: BaseException, connection: asyncpg.Connection | None) -> bool:
         # asyncpg refuses a statement on a connection it knows is closed, or whose
         # protocol is stuck after the server's FATAL, before sending anything: an
         # InterfaceError or an InternalClientError, never a server error.
-        return isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
+        if connection is None or isinstance(
+            exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
+        ):
+            return True
+        return _sqlstate(exc) in _ROLLED_BACK_SQLSTATES
 
     def safe_url(self) -> str:
         return self._safe_url
@@ -146,11 +174,16 @@ class PostgresBackend(Backend):
         self.listeners: list[StatementListener] = []
         self.connections = PostgresConnections(url, self.schema, **options)
         self.connections.before_first_use = self.check_schema
-        self.notifications = Notifications(self.connections.connect)
+        self.notifications = Notifications(
+            self.connections.connect, timeout=self.connections.attempt_seconds
+        )
         # Concurrent consumers share round trips and commits (see batching.py).
-        self._begins = Batcher(self._begin, orphaned=self._give_back_orphan, max_in_flight=2)
-        self._completions = Batcher(self._complete, max_in_flight=2)
-        self._seen_checks = Batcher(self._seen, max_in_flight=2)
+        deadline = self.connections.deadline
+        self._begins = Batcher(
+            self._begin, orphaned=self._give_back_orphan, max_in_flight=2, deadline=deadline
+        )
+        self._completions = Batcher(self._complete, max_in_flight=2, deadline=deadline)
+        self._seen_checks = Batcher(self._seen, max_in_flight=2, deadline=deadline)
         self._background: set[asyncio.Task[None]] = set()
 
     async def dispose(self) -> None:

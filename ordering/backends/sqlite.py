@@ -52,15 +52,13 @@ from .base import (
     Rows,
     StatementListener,
     check_schema_rows,
+    seconds_left,
 )
 from .batching import Batcher
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: How long an operation waits for another connection's write lock.
-BUSY_TIMEOUT_S = 30.0
 
 #: Write operations between two WAL checkpoints (a few pages each: some MB of WAL).
 #: A checkpoint holds the write lock while it copies and syncs, so fewer, larger ones
@@ -152,30 +150,21 @@ class SqliteConnections(Connections[sqlite3.Connection]):
         assert database, "the URL was checked to name a file"
         self.path = Path(database)
 
+    def busy_seconds(self) -> float:
+        """How long a statement may wait for another connection's lock: until a moment
+        before the attempt's time is up, so that its outcome (done, or busy and rolled
+        back) is known rather than cut off."""
+        return min(seconds_left(), self.attempt_seconds) * 0.9
+
     async def connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(
-            self.path,
-            timeout=BUSY_TIMEOUT_S,
-            isolation_level=None,  # autocommit: the backend opens its transactions
-            check_same_thread=False,  # used by the loop's thread and worker threads,
-            # one at a time
-        )
-        try:
-            # WAL lets readers run beside the writer; NORMAL skips an fsync per commit,
-            # and in WAL mode a crash can then lose the last commits but never corrupts
-            # the file.
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute("PRAGMA wal_autocheckpoint=0")
-            # Statements on the loop's thread never wait for a lock: a busy database
-            # sends the operation to a worker thread, which waits (_waiting_out_locks).
-            connection.execute("PRAGMA busy_timeout=0")
-        except BaseException:
-            connection.close()
-            raise
-        return connection
+        # In a worker thread: opening may wait for another connection's lock (setting
+        # WAL mode), which must not hold up the loop.
+        return await _in_thread(_open, self.path, self.busy_seconds())
 
     async def close(self, connection: sqlite3.Connection) -> None:
+        self.discard(connection)
+
+    def discard(self, connection: sqlite3.Connection) -> None:
         try:
             connection.close()
         except sqlite3.Error:
@@ -188,9 +177,9 @@ class SqliteConnections(Connections[sqlite3.Connection]):
         return isinstance(exc, (sqlite3.Error, OSError))
 
     def is_transient(self, exc: BaseException) -> bool:
-        return _is_busy(exc)
+        return _is_busy(exc) or isinstance(exc, TimeoutError)
 
-    def never_sent(self, exc: BaseException, connection: sqlite3.Connection | None) -> bool:
+    def changed_nothing(self, exc: BaseException, connection: sqlite3.Connection | None) -> bool:
         return _is_busy(exc)  # a busy statement did nothing; its transaction rolled back
 
     def safe_url(self) -> str:
@@ -222,7 +211,7 @@ class SqliteBackend(Backend):
         self._checkpointing: asyncio.Task[None] | None = None
         # Completions asked for while another one yields to the loop share the next
         # transaction (see batching.py and _run).
-        self._completions = Batcher(self._complete)
+        self._completions = Batcher(self._complete, deadline=self.connections.deadline)
         #: This process's followers waiting for a leader in flight, by (scope, leader):
         #: the leader's completion (or parking) here wakes them; one in another process
         #: is found by their polling.
@@ -270,7 +259,8 @@ class SqliteBackend(Backend):
                 # another connection's lock: waited out in a worker thread (SQLite's
                 # busy timeout), not on the loop
                 waited = True
-                result = await _in_thread(_waiting_out_locks, connection, attempt)
+                seconds = self.connections.busy_seconds()
+                result = await _in_thread(_waiting_out_locks, connection, attempt, seconds)
             if statements.wrote:
                 self._note_write()
             return result
@@ -313,7 +303,8 @@ class SqliteBackend(Backend):
         WAL was seen to keep growing (writers did not start it over), while RESTART
         waits out the readers so that the next writer does."""
         try:
-            await _in_thread(_checkpoint, self.connections.path)
+            seconds = self.connections.attempt_seconds / 2  # operations wait for it
+            await _in_thread(_checkpoint, self.connections.path, seconds)
         except Exception:
             logger.warning("WAL checkpoint failed; the next one will try again", exc_info=True)
         finally:
@@ -468,16 +459,42 @@ async def _polling() -> AsyncIterator[Waiter]:
     yield Waiter(None)
 
 
-def _waiting_out_locks(connection: sqlite3.Connection, attempt: Callable[[], T]) -> T:
-    connection.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+def _open(path: Path, busy_seconds: float) -> sqlite3.Connection:
+    connection = sqlite3.connect(
+        path,
+        timeout=busy_seconds,
+        isolation_level=None,  # autocommit: the backend opens its transactions
+        check_same_thread=False,  # used by the loop's thread and worker threads,
+        # one at a time
+    )
+    try:
+        # WAL lets readers run beside the writer; NORMAL skips an fsync per commit,
+        # and in WAL mode a crash can then lose the last commits but never corrupts
+        # the file.
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA wal_autocheckpoint=0")
+        # Statements on the loop's thread never wait for a lock: a busy database
+        # sends the operation to a worker thread, which waits (_waiting_out_locks).
+        connection.execute("PRAGMA busy_timeout=0")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _waiting_out_locks(
+    connection: sqlite3.Connection, attempt: Callable[[], T], seconds: float
+) -> T:
+    connection.execute(f"PRAGMA busy_timeout={max(1, int(seconds * 1000))}")
     try:
         return attempt()
     finally:
         connection.execute("PRAGMA busy_timeout=0")
 
 
-def _checkpoint(path: Path) -> None:
-    connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+def _checkpoint(path: Path, busy_seconds: float) -> None:
+    connection = sqlite3.connect(path, timeout=busy_seconds, isolation_level=None)
     try:
         connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
     finally:
