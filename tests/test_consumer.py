@@ -16,6 +16,7 @@ from ordering import (
     OrderedConsumer,
     Outcome,
     ReceivedEvent,
+    StoreUnavailable,
     Verdict,
 )
 
@@ -145,6 +146,31 @@ async def test_a_failing_sweep_is_logged_and_tried_again(
         async with consumer:
             await eventually(lambda: failures() >= 2, what="two failed sweeps")
     assert all(r.__dict__["scope"] == "s" for r in caplog.records if "sweep" in r.getMessage())
+
+
+async def test_an_unreachable_store_gets_unavailable_and_the_sweep_goes_on(
+    clock: MutableClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens on the port: each call raises StoreUnavailable within its deadline."""
+    unreachable = CausalOrdering(
+        "s",
+        url="postgresql+asyncpg://postgres@127.0.0.1:1/none",
+        clock=clock,
+        deadline=timedelta(milliseconds=300),
+    )
+    consumer = consumer_of(unreachable, Recorder(), sweep_interval=timedelta(milliseconds=20))
+
+    def failures() -> int:
+        return sum("sweep failed" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="ordering.consumer"):
+        async with consumer:
+            outcome = await consumer.deliver(make_event(clock))
+            await eventually(lambda: failures() >= 2, what="two failed sweeps")
+    assert (outcome.verdict, outcome.acknowledge) == (Verdict.UNAVAILABLE, False)
+    assert isinstance(outcome.error, StoreUnavailable)
+    sweeps = [r for r in caplog.records if "sweep failed" in r.getMessage()]
+    assert {r.__dict__["error"] for r in sweeps} == {"StoreUnavailable"}
 
 
 async def test_close_waits_for_a_handling_in_flight(
