@@ -16,26 +16,20 @@ under CI=true an unreachable broker fails the test instead of skipping it.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import signal
-import subprocess
-import sys
 import uuid
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from uuid import UUID
 
 import aio_pika
 import pytest
 
 from ordering import ReceivedEvent
 from ordering.models import utc_now
-from tests.fault.harness import REPO, SEED, Harness, WorkerDied
+from tests.fault.harness import SEED
 from tests.fault.workload import make_chains
 
+from .harness import BrokerHarness, interleave
 from .rabbitmq import AMQP_URL, delete_queue, queue_state, rabbitmq_url
 
 CONSUMERS = 3
@@ -54,81 +48,24 @@ async def publish(url: str, queue: str, events: list[ReceivedEvent]) -> None:
             await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
 
 
-def interleave(queues: list[list[ReceivedEvent]]) -> list[ReceivedEvent]:
-    """The one stream that ``workload.deliver`` dealt round-robin into these queues."""
-    longest = max(len(q) for q in queues)
-    return [q[i] for i in range(longest) for q in queues if i < len(q)]
-
-
-@dataclass
-class BrokerHarness(Harness):
-    """The fault harness, with consumer processes fed by RabbitMQ instead of files."""
-
-    amqp_url: str = AMQP_URL
-    queue: str = field(default_factory=lambda: f"ordering-test-{uuid.uuid4().hex[:10]}")
-    prefetch: int = PREFETCH
-    fail_first: list[UUID] = field(default_factory=list)
-
-    def start(self) -> None:
-        for index in range(self.workers):
-            name = f"c{index}"
-            command = [
-                sys.executable,
-                "-m",
-                "tests.broker.rabbitmq_worker",
-                *("--url", self.url, "--scope", self.scope, "--name", name),
-                *("--run-dir", str(self.run_dir), "--amqp-url", self.amqp_url),
-                *("--queue", self.queue, "--prefetch", str(self.prefetch)),
-                *("--lease-seconds", str(self.lease_seconds)),
-                *("--fail-once-on", *map(str, self.fail_first)),
-            ]
-            with (self.run_dir / f"{name}.out").open("wb") as out:
-                self.processes[name] = subprocess.Popen(
-                    command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-                )
-        for name in self.processes:
-            consuming = self.run_dir / f"{name}.consuming"
-            self.wait_for(consuming.exists, 60, f"{name} to start consuming")
-
-    def holding(self, name: str) -> int:
-        """Messages the consumer has received and not yet acknowledged or nacked."""
-        got = (self.run_dir / f"{name}.got").read_text().split()
-        settled = (self.run_dir / f"{name}.settled").read_text().split()
-        return len(got) - len(settled)
-
-    def stop(self, timeout: float = 60) -> None:
-        """SIGTERM every live consumer: each stops consuming, settles what it holds,
-        closes its consumer and its connection."""
-        (self.run_dir / "stop").touch()
-        for process in self.live().values():
-            process.send_signal(signal.SIGTERM)
-        for name, process in self.live().items():
-            if process.wait(timeout=timeout) != 0:
-                raise WorkerDied(f"consumer {name} exited with {process.returncode}")
-
-    def broker_counts(self) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        for path in self.run_dir.glob("*.broker.json"):
-            counts.update(json.loads(path.read_text()))
-        return counts
-
-
 @pytest.fixture
-def harnesses() -> Iterator[list[BrokerHarness]]:
-    made: list[BrokerHarness] = []
+def harnesses() -> Iterator[list[tuple[BrokerHarness, str]]]:
+    """Each harness with its queue: its processes are killed and its queue deleted."""
+    made: list[tuple[BrokerHarness, str]] = []
     yield made
-    for harness in made:
+    for harness, queue in made:
         harness.stop_all()
-        asyncio.run(delete_queue(harness.amqp_url, harness.queue))
+        asyncio.run(delete_queue(AMQP_URL, queue))
 
 
 def test_consumers_on_one_queue_with_requeues_and_a_consumer_killed(
-    empty_url: str, tmp_path: Path, harnesses: list[BrokerHarness]
+    empty_url: str, tmp_path: Path, harnesses: list[tuple[BrokerHarness, str]]
 ) -> None:
     amqp_url = rabbitmq_url()
     rng = random.Random(SEED)
     events = make_chains(100, 5, utc_now(), rng)
     dialect = empty_url.split("+", 1)[0]
+    queue = f"ordering-test-{uuid.uuid4().hex[:10]}"
     harness = BrokerHarness(
         name=f"rabbitmq-{dialect}",
         url=empty_url,
@@ -137,13 +74,14 @@ def test_consumers_on_one_queue_with_requeues_and_a_consumer_killed(
         duplicate_fraction=0.1,
         soon=0.5,
         lease_seconds=3.0,
-        amqp_url=amqp_url,
+        module="tests.broker.rabbitmq_worker",
+        broker_args=["--amqp-url", amqp_url, "--queue", queue, "--prefetch", str(PREFETCH)],
         fail_first=[e.id for e in rng.sample(events, len(events) // 20)],
     )
-    harnesses.append(harness)
+    harnesses.append((harness, queue))
     workload = harness.prepare(events)
     stream = interleave(workload.queues)
-    asyncio.run(publish(amqp_url, harness.queue, stream))
+    asyncio.run(publish(amqp_url, queue, stream))
     harness.start()
 
     harness.wait_for(lambda: harness.handled_share() >= 1 / 3, 120, "a third handled", poll=0.01)
@@ -151,12 +89,12 @@ def test_consumers_on_one_queue_with_requeues_and_a_consumer_killed(
     harness.kill("c1")
     harness.wait_for(harness.all_handled, 120, "every event handled")
     harness.wait_for(
-        lambda: asyncio.run(queue_state(amqp_url, harness.queue)).message_count == 0,
+        lambda: asyncio.run(queue_state(amqp_url, queue)).message_count == 0,
         60,
         "the queue to empty",
     )
     harness.stop()
-    after = asyncio.run(queue_state(amqp_url, harness.queue))
+    after = asyncio.run(queue_state(amqp_url, queue))
     report = harness.check()
     counts = harness.broker_counts()
     print(
