@@ -42,7 +42,13 @@ from .constants import (
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
 )
-from .engine import resolve_url, url_deadline, with_deadline
+from .engine import (
+    DEFAULT_DEADLINE,
+    resolve_url,
+    url_deadline,
+    url_sets_deadline,
+    with_deadline,
+)
 from .events import EventModel, OrderedEvent, as_uuid, checked_event, event_id, is_follower
 from .exceptions import (
     EventAlreadyProcessed,
@@ -221,11 +227,22 @@ class CausalOrdering(Generic[E]):
             )
         self.scope = scope
         self.url = resolve_url(url)
+        if deadline is None and not url_sets_deadline(self.url):
+            # A call must end well within the lease it holds: see docs/guarantees.md.
+            shorter = lease_duration / 3
+            if shorter < timedelta(seconds=DEFAULT_DEADLINE):
+                deadline = shorter
         if deadline is not None:
             self.url = with_deadline(self.url, deadline.total_seconds())
         #: How long any call of the store may take, all its attempts included, before it
-        #: raises StoreUnavailable (``deadline=``, else the URL's ``?deadline=``).
+        #: raises StoreUnavailable (``deadline=``, else the URL's ``?deadline=``, else
+        #: 10 seconds or a third of ``lease_duration``, whichever is shorter).
         self.deadline = timedelta(seconds=url_deadline(self.url))
+        if self.deadline >= lease_duration:
+            raise ValueError(
+                f"deadline ({self.deadline}) must be shorter than lease_duration "
+                f"({lease_duration}): a call could outlast the lease it holds"
+            )
         self.clock: Callable[[], datetime] = clock or utc_now
         self.event_type: type[Any] = event_type or ReceivedEvent
         # The overloads tie E to event_type (ReceivedEvent when none is given).

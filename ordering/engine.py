@@ -82,6 +82,11 @@ def _deadline_seconds(given: object) -> float:
 
 
 @functools.lru_cache(maxsize=64)
+def url_sets_deadline(url: str) -> bool:
+    return DEADLINE_PARAMETER in make_url(url).query
+
+
+@functools.lru_cache(maxsize=64)
 def url_deadline(url: str) -> float:
     """The deadline of every call of the store on a checked URL, in seconds."""
     given = make_url(url).query.get(DEADLINE_PARAMETER)

@@ -373,6 +373,14 @@ def test_the_deadline_comes_from_the_argument_else_the_url_else_ten_seconds() ->
     assert CausalOrdering("s", url=f"{base}?deadline=2.5").deadline == timedelta(seconds=2.5)
     chosen = CausalOrdering("s", url=f"{base}?deadline=2.5", deadline=timedelta(seconds=30))
     assert chosen.deadline == timedelta(seconds=30)
+    short_lease = CausalOrdering("s", url=base, lease_duration=timedelta(seconds=3))
+    assert short_lease.deadline == timedelta(seconds=1)  # a third of the lease
+
+
+def test_a_deadline_as_long_as_the_lease_is_refused() -> None:
+    for given in ({"deadline": timedelta(seconds=5)}, {"url": "sqlite:///o.db?deadline=5"}):
+        with pytest.raises(ValueError, match="must be shorter than lease_duration"):
+            CausalOrdering("s", lease_duration=timedelta(seconds=5), **given)
 
 
 async def test_the_url_deadline_reaches_the_store_migrations_and_checks_not_the_server(

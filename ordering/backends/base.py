@@ -336,8 +336,8 @@ _attempt_ends: contextvars.ContextVar[float] = contextvars.ContextVar(
 
 
 def seconds_left() -> float:
-    """What is left of the running attempt's time: for a wait that cannot be cancelled
-    (SQLite's busy timeout, in a worker thread) to bound itself."""
+    """What is left of the running attempt's time: every wait of an operation bounds
+    itself with it (asyncpg's ``timeout=``, SQLite's busy timeout)."""
     return max(0.0, _attempt_ends.get() - asyncio.get_running_loop().time())
 
 
@@ -404,7 +404,8 @@ class Connections(Generic[C], abc.ABC):
     # what a dialect says
     @abc.abstractmethod
     async def connect(self) -> C:
-        """Open a connection, waiting at most ``attempt_seconds``."""
+        """Open a connection, waiting at most ``attempt_seconds`` (or ``seconds_left()``
+        of a running attempt)."""
 
     @abc.abstractmethod
     async def close(self, connection: C) -> None:
@@ -506,6 +507,25 @@ class Connections(Generic[C], abc.ABC):
                 raise
             await self._give_back(connection)
 
+    async def _take_slot(self, by: float) -> bool:
+        """Take one of the ``max_connections`` slots, waiting until ``by`` at most.
+
+        Neither this nor the statements are bounded with ``asyncio.timeout``: on
+        Python 3.11 a timeout that fires as the awaited call completes leaves a
+        cancellation pending, which would then cancel the caller after the statement
+        succeeded.  The drivers' own timeouts raise instead (see ``seconds_left``)."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: returns at once
+            return True
+        waiting = asyncio.ensure_future(self._slots.acquire())
+        await asyncio.wait({waiting}, timeout=max(0.0, by - asyncio.get_running_loop().time()))
+        if not waiting.done():
+            waiting.cancel()
+            await asyncio.wait({waiting})
+        if waiting.cancelled():
+            raise TimeoutError("no free connection within the attempt's time")
+        return True
+
     async def run(self, operation: Callable[[C], Awaitable[T]], *, idempotent: bool = True) -> T:
         """Run ``operation`` on a connection, retrying lost connections, within the
         deadline of the call (see the module's docstring)."""
@@ -531,15 +551,31 @@ class Connections(Generic[C], abc.ABC):
         attempt = 0
         while True:
             attempt += 1
-            ends = min(gives_up_at, loop.time() + self.attempt_seconds)
             connection: C | None = None
-            token = _attempt_ends.set(ends)
+            token = _attempt_ends.set(min(gives_up_at, loop.time() + self.attempt_seconds))
+            slot = False
             try:
-                async with asyncio.timeout_at(ends), self._slots:
-                    connection = await self._acquire()
-                    result = await operation(connection)
+                slot = await self._take_slot(_attempt_ends.get())
+                connection = await self._acquire()
+                # The statements get an attempt's whole time from here, so that the
+                # server's own timeouts end them before this side gives up: sent with
+                # less left, a statement's outcome could be unknown.  An operation that
+                # may not be repeated gets what is left of the call.
+                sent_by = loop.time() + self.attempt_seconds
+                if sent_by > gives_up_at:
+                    raise _OutOfTime
+                _attempt_ends.set(sent_by if idempotent else gives_up_at)
+                result = await operation(connection)
+                await self._give_back(connection)
+                return result
+            except _OutOfTime:
+                if connection is not None:
                     await self._give_back(connection)
-                    return result
+                raise StoreUnavailable(
+                    f"{self.safe_url()} is unavailable: no time left for another attempt "
+                    f"within the deadline of {self.deadline:g} s after {attempt - 1} "
+                    f"(the URL's ?deadline=, or deadline= of the ordering)"
+                ) from None
             except BaseException as exc:
                 if connection is not None:
                     self.discard(connection)
@@ -569,8 +605,14 @@ class Connections(Generic[C], abc.ABC):
                 )
             finally:
                 _attempt_ends.reset(token)
+                if slot:
+                    self._slots.release()
             await asyncio.sleep(pause)
             delay = min(delay * 2, self.backoff_max)
+
+
+class _OutOfTime(Exception):
+    """Not enough of the deadline left to send a statement and hear its outcome."""
 
 
 def _described(exc: BaseException) -> str:

@@ -42,6 +42,7 @@ from .base import (
     Rows,
     StatementListener,
     check_schema_rows,
+    seconds_left,
 )
 from .batching import Batcher
 
@@ -66,6 +67,12 @@ _TRANSIENT_SQLSTATES = frozenset(
 
 #: Errors after which the server certainly rolled the statement back.
 _ROLLED_BACK_SQLSTATES = frozenset({"40P01", "40001", "55P03", "57014", "25006"})
+
+
+def _bound() -> float | None:
+    """asyncpg's ``timeout=`` for a statement: what is left of the attempt's time."""
+    left = seconds_left()
+    return None if left == float("inf") else max(left, 0.001)
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -94,7 +101,9 @@ class PostgresConnections(Connections[asyncpg.Connection]):
 
     async def connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(
-            self._dsn, server_settings=self._settings, timeout=self.attempt_seconds
+            self._dsn,
+            server_settings=self._settings,
+            timeout=min(self.attempt_seconds, seconds_left()) or 0.001,
         )
 
     async def close(self, connection: asyncpg.Connection) -> None:
@@ -199,7 +208,7 @@ class PostgresBackend(Backend):
         async def run(connection: asyncpg.Connection) -> Rows:
             for listener in self.listeners:
                 listener(query.name, query.sql)
-            rows: Rows = await connection.fetch(query.sql, *args)
+            rows: Rows = await connection.fetch(query.sql, *args, timeout=_bound())
             return rows
 
         return await self.connections.run(run, idempotent=idempotent)
@@ -216,19 +225,18 @@ class PostgresBackend(Backend):
         queries = self.queries
 
         async def read(connection: asyncpg.Connection) -> tuple[str | None, str | None]:
+            async def value(name: str) -> Any:
+                return await connection.fetchval(queries[name].sql, timeout=_bound())
+
             ours, compatibility, first_release = await connection.fetchrow(
-                queries["schema_tables"].sql
+                queries["schema_tables"].sql, timeout=_bound()
             )
             if not ours:
                 if first_release:  # laid out by the first release: migrating moves it
-                    return await connection.fetchval(queries["first_release_revision"].sql), None
+                    return await value("first_release_revision"), None
                 return None, None
-            revision = await connection.fetchval(queries["schema_revision"].sql)
-            oldest = (
-                await connection.fetchval(queries["oldest_code_served"].sql)
-                if compatibility
-                else None
-            )
+            revision = await value("schema_revision")
+            oldest = await value("oldest_code_served") if compatibility else None
             return revision, oldest
 
         revision, oldest = await self.connections.run(read)
