@@ -139,7 +139,10 @@ def broker_harness(
         workers=consumers,
         duplicate_fraction=0.1,
         soon=0.5,
-        lease_seconds=3.0,
+        # Long enough for renewals to land on a loaded machine: a claim that expires
+        # under a live holder sends its follower to another's sweep, and a consumer
+        # killed while handling a swept follower loses it (docs/guarantees.md).
+        lease_seconds=5.0,
         module=module,
         broker_args=broker_args,
         fail_first=[e.id for e in rng.sample(events, len(events) // 20)],
