@@ -132,7 +132,10 @@ def materialize(specs: Sequence[Spec], model: type[Any]) -> list[Any]:
 
 class Consumer:
     """The consumer a user writes; ``ordering_for`` gives the ordering for each call
-    (the same instance, or a new one per event as Prefect's server constructs them)."""
+    (the same instance, or a new one per event as Prefect's server constructs them).
+
+    Not ``OrderedConsumer``: the same calls must drive ours and the peers (Prefect's
+    in-memory and Redis orderings), and the figures are of preceding_event_confirmed."""
 
     def __init__(self, ordering_for: Callable[[], Any], arrived_early: type[BaseException]):
         self.ordering_for = ordering_for

@@ -14,6 +14,7 @@ from .constants import (
     PROCESSED_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
 )
+from .consumer import OrderedConsumer, Outcome, Verdict
 from .exceptions import (
     EventAlreadyProcessed,
     EventArrivedEarly,
@@ -39,10 +40,13 @@ __all__ = [
     "EventBeingProcessed",
     "EventHandler",
     "MaxDepthExceeded",
+    "OrderedConsumer",
     "OrderingError",
+    "Outcome",
     "ReceivedEvent",
     "RelatedResource",
     "Resource",
     "SchemaError",
     "StoreUnavailable",
+    "Verdict",
 ]

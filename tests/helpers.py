@@ -80,7 +80,10 @@ def make_chain(clock: MutableClock, length: int, name: str = "chain") -> list[Re
 
 @dataclass
 class Consumer:
-    """The consumer a user writes: the handler re-enters preceding_event_confirmed."""
+    """The consumer a user writes: the handler re-enters preceding_event_confirmed.
+
+    Not ``OrderedConsumer``: the tests that use it check preceding_event_confirmed
+    itself, so what it raises must reach them rather than become a verdict."""
 
     ordering: CausalOrdering[ReceivedEvent]
     reenter: bool = True

@@ -64,7 +64,8 @@ def causal_graph(clock: Callable[[], datetime]) -> list[ReceivedEvent]:
 class PrefectConsumer:
     """Prefect's triggers consumer, reduced to its ordering: like
     ``prefect.server.events.triggers.reactive_evaluation``, the handler asks Prefect's
-    accessor for the ordering on every call and re-enters ``preceding_event_confirmed``."""
+    accessor for the ordering on every call and re-enters ``preceding_event_confirmed``.
+    (Not ``OrderedConsumer``, which holds one ordering: this stands for Prefect's code.)"""
 
     handled: list[ReceivedEvent] = field(default_factory=list)
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from ..backends import Backend
 from ..causal import CausalOrdering
-from ..exceptions import EventArrivedEarly, EventBeingProcessed
+from ..consumer import OrderedConsumer, Verdict
 from ..models import ReceivedEvent, utc_now
 from .database import open_backend
 
@@ -129,10 +129,10 @@ async def replay(
 ) -> ReplayReport:
     """Put events through the store and ``write`` them in causal order.
 
-    Each event goes through ``CausalOrdering.preceding_event_confirmed`` with a handler
-    that writes it, so an event is written only after the event it follows; one that
-    arrives first is parked in the database and written when its leader comes, in
-    this run or a later one.  Events already seen are skipped, so a file can be
+    Each event goes through an ``OrderedConsumer`` whose handler writes it, so an
+    event is written only after the event it follows; one that arrives first is
+    parked in the database and written when its leader comes, in this run or a
+    later one.  Events already seen are skipped, so a file can be
     replayed again with more lines appended.  ``flush_lost`` then moves the clock
     past the lookback and writes what still waits, through ``get_lost_followers``.
 
@@ -149,47 +149,48 @@ async def replay(
         if on_problem is not None:
             on_problem(found)
 
-    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
-        async with ordering.preceding_event_confirmed(handler, event, depth=depth):
-            write(event)
-            report.written += 1
+    async def write_event(event: ReceivedEvent) -> None:
+        write(event)
+        report.written += 1
 
     async def deliver(event: ReceivedEvent, number: int | None) -> None:
-        try:
-            await handler(event)
-        except EventArrivedEarly:
+        outcome = await consumer.deliver(event)
+        if outcome.verdict is Verdict.PARKED:
             report.parked += 1
-        except EventBeingProcessed:
+        elif outcome.verdict is Verdict.DUPLICATE:
+            report.already_seen += 1
+        elif outcome.verdict is Verdict.BUSY:
             report.busy += 1
             problem(
                 LineProblem(
                     number, f"event {event.id} is being processed by another worker: not replayed"
                 )
             )
+        elif outcome.error is not None:
+            raise outcome.error  # the store unavailable, or writing failed: stop here
 
-    for number, raw in lines:
-        parsed = parse_line(number, raw)
-        if parsed is None:
-            continue
-        report.lines += 1
-        if isinstance(parsed, LineProblem):
-            report.bad += 1
-            problem(parsed)
-            continue
-        clock.now = parsed.received
-        if await ordering.event_has_been_seen(parsed):
-            report.already_seen += 1
-            continue
-        await deliver(parsed, number)
+    # No background sweep: lost followers are flushed at the end, on the replay clock.
+    async with OrderedConsumer(ordering, write_event, sweep_interval=None) as consumer:
+        for number, raw in lines:
+            parsed = parse_line(number, raw)
+            if parsed is None:
+                continue
+            report.lines += 1
+            if isinstance(parsed, LineProblem):
+                report.bad += 1
+                problem(parsed)
+                continue
+            clock.now = parsed.received
+            await deliver(parsed, number)
 
-    if flush_lost:
-        flush_at = await _when_all_are_lost(backend, scope, ordering.preceding_event_lookback)
-        if flush_at is not None:
-            clock.now = max(flush_at, clock.now) if clock.now else flush_at
-            lost = await ordering.get_lost_followers()
-            report.flushed = len(lost)
-            for event in lost:
-                await deliver(event, None)
+        if flush_lost:
+            flush_at = await _when_all_are_lost(backend, scope, ordering.preceding_event_lookback)
+            if flush_at is not None:
+                clock.now = max(flush_at, clock.now) if clock.now else flush_at
+                lost = await ordering.get_lost_followers()
+                report.flushed = len(lost)
+                for event in lost:
+                    await deliver(event, None)
     report.waiting = await _count_waiting(backend, scope)
     return report
 

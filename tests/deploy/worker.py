@@ -1,5 +1,8 @@
 """A worker process of this release ("old") or of the next one ("new").
 
+It writes its consumer loop by hand rather than with ``OrderedConsumer``: as "old" it
+stands for the previous release, which had no such class.
+
     python -m tests.deploy.worker --url URL --scope S --mode old|new \
         --feed FILE --handled FILE --run-dir DIR
 

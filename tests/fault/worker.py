@@ -1,4 +1,5 @@
-"""A worker process: the consumer loop a user would write, plus the final sweep.
+"""A worker process: a user's consumer written with ``OrderedConsumer``, fed from a
+file instead of a broker, plus the final sweep.
 
     python -m tests.fault.worker run --url URL --scope S --name w0 --queue Q --run-dir D \
         [--consumers N]
@@ -48,7 +49,11 @@ from ordering import (
     CausalOrdering,
     EventArrivedEarly,
     EventBeingProcessed,
+    OrderedConsumer,
+    Outcome,
     ReceivedEvent,
+    StoreUnavailable,
+    Verdict,
 )
 from ordering.causal import dispose_engines
 from ordering.models import utc_now
@@ -72,6 +77,9 @@ SWEEP_ROUNDS = 10
 #: final sweep.  The checker uses it to tell "re-handled while running" from "left
 #: until the lookback had passed".
 phase: contextvars.ContextVar[str] = contextvars.ContextVar("fault_phase", default="run")
+#: The handler call in progress: its attempt id, and its depth (0: a delivery or a lost
+#: follower; more: a follower a leader released).
+_attempt: contextvars.ContextVar[tuple[str, int]] = contextvars.ContextVar("fault_attempt")
 
 
 class RecordFailed(Exception):
@@ -128,7 +136,12 @@ class Faults:
     fail_once_on: UUID | None = None
 
 
-class Worker:
+class Worker(OrderedConsumer[ReceivedEvent]):
+    """The consumer a user writes with ``OrderedConsumer``, watched closely: each
+    handler call gets an attempt id (its row names it, and ``<name>.done`` lists it
+    once the call went through ``preceding_event_confirmed`` to the end), and the
+    outcome of each delivery is counted."""
+
     def __init__(
         self,
         ordering: CausalOrdering[ReceivedEvent],
@@ -136,8 +149,15 @@ class Worker:
         name: str,
         run_dir: Path,
         faults: Faults | None = None,
+        *,
+        sweep: bool = True,
     ) -> None:
-        self.ordering = ordering
+        super().__init__(
+            ordering,
+            self.record_handling,
+            sweep_interval=timedelta(seconds=LOST_POLL_SECONDS) if sweep else None,
+            retry_after=timedelta(seconds=REQUEUE_SLEEP_SECONDS),
+        )
         self.engine = engine
         self.name = name
         self.run_dir = run_dir
@@ -149,72 +169,65 @@ class Worker:
         self._ack_times = (run_dir / f"{name}.ack-times").open("a", buffering=1)
         #: Followers get_lost_followers handed out (and so took out of the store).
         self._taken = (run_dir / f"{name}.taken").open("a", buffering=1)
+        hand_out = self.ordering.get_lost_followers
 
-    # -- the user's code ---------------------------------------------------------
+        async def handed_out() -> list[ReceivedEvent]:
+            found = await hand_out()
+            self._taken.writelines(f"{follower.id}\n" for follower in found)
+            return found
 
-    async def handler(self, event: ReceivedEvent, depth: int = 0) -> None:
-        """The handler a user gives the ordering: it re-enters preceding_event_confirmed
-        for the followers it is handed, and its side effect is one durable row."""
+        self.ordering.get_lost_followers = handed_out  # type: ignore[method-assign]
+
+    # -- the user's code, watched ------------------------------------------------------
+
+    async def handle(self, event: ReceivedEvent, depth: int = 0) -> None:
         attempt = uuid.uuid4().hex
+        token = _attempt.set((attempt, depth))
         try:
-            async with self.ordering.preceding_event_confirmed(self.handler, event, depth=depth):
-                await self.record(event, depth, attempt)
+            if depth == 0 and event.id == self.faults.pause_before_confirm:
+                await self._pause()  # after the seen check, before confirming
+            await super().handle(event, depth)
         except BaseException as exc:
             self._note_interruption(exc, event, attempt)
             raise
+        finally:
+            _attempt.reset(token)
         self._done.write(f"{attempt} {event.id}\n")
 
-    async def consume(self, event: ReceivedEvent) -> bool:
-        """One delivery, as a user's consumer handles it; False: deliver it again later."""
-        self.stats.deliveries += 1
-        try:
-            if await self.ordering.event_has_been_seen(event):
-                self.stats.skipped_seen += 1
-                return True
-            if event.id == self.faults.pause_before_confirm:
-                await self._pause()
-            # The body at depth 0 is the handler's body: record the event.
-            await self.handler(event)
-        except EventArrivedEarly:
-            self.stats.arrived_early += 1  # parked: its leader will release it
-            return True
-        except EventBeingProcessed:
-            self.stats.being_processed += 1
-            await asyncio.sleep(REQUEUE_SLEEP_SECONDS)
-            return False
-        except Exception as exc:
-            # A user's consumer nacks the message; the broker delivers it again.
-            logger.warning("delivery of %s failed: %r", event.id, exc)
-            self.stats.error(exc)
-            await asyncio.sleep(ERROR_SLEEP_SECONDS)
-            return False
-        return True
+    async def record_handling(self, event: ReceivedEvent) -> None:
+        """The handler a user gives the consumer: its side effect is one durable row."""
+        attempt, depth = _attempt.get()
+        await self.record(event, depth, attempt)
 
-    async def handle_lost(self, pending: deque[ReceivedEvent]) -> None:
-        """Hand the followers the ordering gives up on to the handler (claims whose
-        holder died, or followers past the lookback)."""
-        try:
-            lost = await self.ordering.get_lost_followers()
-        except Exception as exc:
-            logger.warning("get_lost_followers failed: %r", exc)
-            self.stats.error(exc)
-            return
+    def on_outcome(self, event: ReceivedEvent, outcome: Outcome) -> None:
+        super().on_outcome(event, outcome)
+        counter = _COUNTED.get(outcome.verdict)
+        if counter is not None:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        if outcome.error is not None and outcome.verdict is not Verdict.BUSY:
+            logger.warning("delivery of %s failed: %r", event.id, outcome.error)
+            self.stats.error(outcome.error)
+
+    async def sweep(self) -> int:
+        """A round of the lost-follower sweep, its handlings marked as such."""
         token = phase.set("lost" if phase.get() == "run" else phase.get())
         try:
-            for follower in lost:
-                self.stats.lost_followers += 1
-                self._taken.write(f"{follower.id}\n")
-                try:
-                    await self.handler(follower)
-                except EventArrivedEarly:
-                    self.stats.arrived_early += 1
-                except Exception as exc:
-                    # EventBeingProcessed included: deliver it to ourselves again.
-                    if not isinstance(exc, EventBeingProcessed):
-                        self.stats.error(exc)
-                    pending.append(follower)
+            taken = await super().sweep()
         finally:
             phase.reset(token)
+        self.stats.lost_followers += taken
+        return taken
+
+    async def consume(self, event: ReceivedEvent) -> bool:
+        """One delivery; False: deliver it again later (after a pause, as a broker
+        that redelivers a nacked message after a delay would)."""
+        self.stats.deliveries += 1
+        outcome = await self.deliver(event)
+        if outcome.acknowledge:
+            return True
+        delay = outcome.retry_after if outcome.verdict is Verdict.BUSY else None
+        await asyncio.sleep(ERROR_SLEEP_SECONDS if delay is None else delay)
+        return False
 
     # -- the durable side effect -----------------------------------------------------
 
@@ -266,25 +279,16 @@ class Worker:
 
     async def run(self, queue: list[ReceivedEvent], consumers: int = 1) -> None:
         """Deliver the queue with ``consumers`` tasks at once, as a consumer with that
-        much prefetch does (their calls then share round trips), polling for lost
-        followers now and then."""
-        loop = asyncio.get_running_loop()
+        much prefetch does (their calls then share round trips); the consumer's own
+        sweep hands out lost followers meanwhile."""
         pending = deque(queue)
         drained = self.run_dir / f"{self.name}.drained"
         stop = self.run_dir / "stop"
-        next_poll = loop.time() + LOST_POLL_SECONDS
-        busy = 0  # tasks handling a delivery or polling, which may add to pending
+        busy = 0  # tasks handling a delivery
 
         async def consume_until_stopped() -> None:
-            nonlocal next_poll, busy
+            nonlocal busy
             while True:
-                if loop.time() >= next_poll:
-                    next_poll = loop.time() + LOST_POLL_SECONDS
-                    busy += 1
-                    try:
-                        await self.handle_lost(pending)
-                    finally:
-                        busy -= 1
                 if pending:
                     drained.unlink(missing_ok=True)
                     event = pending.popleft()
@@ -304,38 +308,43 @@ class Worker:
                         return
                 await asyncio.sleep(IDLE_SLEEP_SECONDS)
 
-        async with asyncio.TaskGroup() as group:
+        async with self, asyncio.TaskGroup() as group:
             for _ in range(consumers):
                 group.create_task(consume_until_stopped())
 
-    async def sweep(self) -> None:
+    async def final_sweep(self) -> None:
         """The final sweep: with the clock past the lookback, hand out what is left.
 
         Rounds repeat while they find something, since handling a lost follower
         can release (and so hand out) its own followers, never strand new ones.
         """
-        pending: deque[ReceivedEvent] = deque()
         token = phase.set("sweep")
         try:
             for _ in range(SWEEP_ROUNDS):
-                found = self.stats.lost_followers
-                await self.handle_lost(pending)
-                for _ in range(SWEEP_ROUNDS * max(len(pending), 1)):
-                    if not pending:
-                        break
-                    event = pending.popleft()
-                    if not await self.consume(event):
-                        pending.append(event)
-                if self.stats.lost_followers == found and not pending:
+                try:
+                    found = await self.sweep()
+                except StoreUnavailable as exc:
+                    self.stats.error(exc)
+                    continue
+                if not found and not self._lost:
                     return
         finally:
             phase.reset(token)
+            await self.aclose()
 
     def close(self) -> None:
         self._acks.close()
         self._done.close()
         self._ack_times.close()
         self._taken.close()
+
+
+#: The counters of Stats that a delivery's verdict adds to.
+_COUNTED = {
+    Verdict.DUPLICATE: "skipped_seen",
+    Verdict.PARKED: "arrived_early",
+    Verdict.BUSY: "being_processed",
+}
 
 
 def offset_clock(seconds: float) -> Callable[[], datetime]:
@@ -359,13 +368,13 @@ async def main_async(args: argparse.Namespace) -> None:
         pause_before_confirm=args.pause_before_confirm,
         fail_once_on=args.fail_once_on,
     )
-    worker = Worker(ordering, engine, args.name, run_dir, faults)
+    worker = Worker(ordering, engine, args.name, run_dir, faults, sweep=args.mode == "run")
     ordering.backend.listeners.append(lambda name, _sql: worker.stats.statements.update([name]))
     try:
         if args.mode == "run":
             await worker.run(read_queue(Path(args.queue)), args.consumers)
         else:
-            await worker.sweep()
+            await worker.final_sweep()
     finally:
         worker.close()
         (run_dir / f"{args.name}.result.json").write_text(worker.stats.as_json())
