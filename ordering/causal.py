@@ -22,6 +22,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
+from . import metrics
 from .backends import (
     Backend,
     BeginRequest,
@@ -240,6 +241,7 @@ class CausalOrdering(Generic[E]):
         self.poll_interval = poll_interval
         self.notify = notify
         self._key_prefix = f"{self.url}#{self.schema}"
+        self._metric_attributes = metrics.scope_attributes(scope)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -373,6 +375,7 @@ class CausalOrdering(Generic[E]):
                     is_follower=is_follower(event),
                 )
             )
+            metrics.completed(self._metric_attributes)
             done = True
         except EventArrivedEarly as early:
             done = _parked_here(early, event.id)  # parking released the lease
@@ -410,12 +413,15 @@ class CausalOrdering(Generic[E]):
             )
         )
         if taken is Refused.ALREADY_SEEN:
+            metrics.refused(self.scope, metrics.ALREADY_PROCESSED)
             self._log(event, "was processed already")
             raise EventAlreadyProcessed(event)
         if taken is Refused.HELD_ELSEWHERE:
+            metrics.refused(self.scope, metrics.HELD_ELSEWHERE)
             self._log(event, "is already being processed")
             raise EventBeingProcessed(event)
         assert isinstance(taken, Begun)
+        metrics.begun(self._metric_attributes)
         return taken
 
     def _keep(self, backend: Backend, owner: str) -> int:
@@ -469,6 +475,7 @@ class CausalOrdering(Generic[E]):
         rows = await self.backend.take_lost_followers(
             scope=self.scope, cutoff=now - self.preceding_event_lookback, now=now
         )
+        metrics.lost_followers(self._metric_attributes, len(rows))
         return self._load(rows)
 
     def _declared_leader(self, event: OrderedEvent) -> UUID:
@@ -523,6 +530,7 @@ class CausalOrdering(Generic[E]):
         )
         if not parked:
             return  # the leader was seen while we looked: go ahead
+        metrics.parked(self._metric_attributes)
         self._log(event, "arrived before the event it follows %s", leader)
         raise EventArrivedEarly(event)
 
@@ -626,6 +634,7 @@ class CausalOrdering(Generic[E]):
                     is_follower=is_follower(event),
                 )
             )
+            metrics.completed(self._metric_attributes)
             done = True
             if held is not None:
                 held.completed = True
@@ -670,6 +679,7 @@ class CausalOrdering(Generic[E]):
                 lease = _Lease(owner, released_by_leader=True)
                 key = self._key(follower.id)
                 _hold(key, lease)
+                metrics.released(self._metric_attributes, 1)
                 try:
                     await handler(follower, depth=depth + 1)
                 finally:
@@ -686,6 +696,7 @@ class CausalOrdering(Generic[E]):
                             claim=claim,
                         )
                     )
+                    metrics.completed(self._metric_attributes)
                 pending.pop(0)
                 if released:
                     await self._hand_out(
