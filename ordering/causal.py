@@ -375,7 +375,7 @@ class CausalOrdering(Generic[E]):
                     is_follower=is_follower(event),
                 )
             )
-            metrics.completed(self._metric_attributes)
+            metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
             done = True
         except EventArrivedEarly as early:
             done = _parked_here(early, event.id)  # parking released the lease
@@ -421,7 +421,7 @@ class CausalOrdering(Generic[E]):
             self._log(event, "is already being processed")
             raise EventBeingProcessed(event)
         assert isinstance(taken, Begun)
-        metrics.begun(self._metric_attributes)
+        metrics.EVENTS_BEGUN.add(1, self._metric_attributes)
         return taken
 
     def _keep(self, backend: Backend, owner: str) -> int:
@@ -530,7 +530,7 @@ class CausalOrdering(Generic[E]):
         )
         if not parked:
             return  # the leader was seen while we looked: go ahead
-        metrics.parked(self._metric_attributes)
+        metrics.EVENTS_PARKED.add(1, self._metric_attributes)
         self._log(event, "arrived before the event it follows %s", leader)
         raise EventArrivedEarly(event)
 
@@ -634,7 +634,7 @@ class CausalOrdering(Generic[E]):
                     is_follower=is_follower(event),
                 )
             )
-            metrics.completed(self._metric_attributes)
+            metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
             done = True
             if held is not None:
                 held.completed = True
@@ -679,7 +679,7 @@ class CausalOrdering(Generic[E]):
                 lease = _Lease(owner, released_by_leader=True)
                 key = self._key(follower.id)
                 _hold(key, lease)
-                metrics.released(self._metric_attributes, 1)
+                metrics.EVENTS_RELEASED.add(1, self._metric_attributes)
                 try:
                     await handler(follower, depth=depth + 1)
                 finally:
@@ -696,7 +696,7 @@ class CausalOrdering(Generic[E]):
                             claim=claim,
                         )
                     )
-                    metrics.completed(self._metric_attributes)
+                    metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
                 pending.pop(0)
                 if released:
                     await self._hand_out(

@@ -172,7 +172,6 @@ ROWS_PRUNED = _counter(
 # -- attribute sets, built once each --------------------------------------------------
 
 _attribute_sets: dict[tuple[tuple[str, str], ...], Attributes] = {}
-_operations: dict[tuple[str, str], Attributes] = {}
 
 
 def _kept(**attributes: str) -> Attributes:
@@ -204,22 +203,8 @@ def system_attributes(system: str) -> Attributes:
 
 
 # -- what the package calls -------------------------------------------------------------
-
-
-def begun(attributes: Attributes) -> None:
-    EVENTS_BEGUN.add(1, attributes)
-
-
-def completed(attributes: Attributes) -> None:
-    EVENTS_COMPLETED.add(1, attributes)
-
-
-def parked(attributes: Attributes) -> None:
-    EVENTS_PARKED.add(1, attributes)
-
-
-def released(attributes: Attributes, count: int) -> None:
-    EVENTS_RELEASED.add(count, attributes)
+# The hot path (causal.py) adds to the event counters directly, with the attribute set
+# its ordering keeps: one no-op call each without an SDK, no wrapper around it.
 
 
 def refused(scope: str, reason: str) -> None:
@@ -244,16 +229,9 @@ def retrying_took(attributes: Attributes, seconds: float) -> None:
 
 
 def operation_attributes(system: str, operation: str) -> Attributes:
-    """Per round trip: one dictionary read."""
-    key = (system, operation)
-    found = _operations.get(key)
-    if found is None:
-        found = _operations[key] = _kept(**{"db.system": system, "operation": operation})
-    return found
-
-
-def operation_took(attributes: Attributes, seconds: float) -> None:
-    STORE_DURATION.record(seconds, attributes)
+    """The attribute set of ``ordering.store.duration`` for one operation (a caller
+    keeps it: see Connections.run)."""
+    return _kept(**{"db.system": system, "operation": operation})
 
 
 def rows_pruned(table: str, count: int) -> None:

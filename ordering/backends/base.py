@@ -403,6 +403,7 @@ class Connections(Generic[C], abc.ABC):
         self.before_first_use: Callable[[], Awaitable[None]] | None = None
         self._system = metrics.system_of(url)
         self._metric_attributes = metrics.system_attributes(self._system)
+        self._operations: dict[str, metrics.Attributes] = {}
 
     # what a dialect says
     @abc.abstractmethod
@@ -535,9 +536,12 @@ class Connections(Generic[C], abc.ABC):
                         raise
                 return await self._attempts(operation, idempotent, gives_up_at)
         finally:
-            metrics.operation_took(
-                metrics.operation_attributes(self._system, name), time.perf_counter() - started
-            )
+            attributes = self._operations.get(name)
+            if attributes is None:
+                attributes = self._operations[name] = metrics.operation_attributes(
+                    self._system, name
+                )
+            metrics.STORE_DURATION.record(time.perf_counter() - started, attributes)
 
     async def _attempts(
         self, operation: Callable[[C], Awaitable[T]], idempotent: bool, gives_up_at: float
