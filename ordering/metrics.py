@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -89,9 +89,21 @@ def _counter(name: str, *, unit: str, description: str) -> otel.Counter:
     return _meter.create_counter(name, unit=unit, description=description)
 
 
-def _histogram(name: str, *, unit: str, description: str) -> otel.Histogram:
+def _histogram(
+    name: str, *, unit: str, description: str, buckets: Sequence[float]
+) -> otel.Histogram:
     _define(name, "histogram", unit, description)
-    return _meter.create_histogram(name, unit=unit, description=description)
+    return _meter.create_histogram(
+        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+    )
+
+
+#: Bucket bounds of the operation durations, in seconds: from a fast SQLite statement
+#: (well under a millisecond) to the default deadline (10 s).  The SDK's default bounds
+#: (0 to 10,000) are meant for milliseconds and would put every operation in one bucket.
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 def _gauge(
@@ -161,6 +173,7 @@ STORE_DURATION = _histogram(
     unit="s",
     description="Time of one database operation (a round trip, or one transaction on "
     "SQLite), retries included, by operation",
+    buckets=DURATION_BUCKETS,
 )
 ROWS_PRUNED = _counter(
     "ordering.rows.pruned",

@@ -117,6 +117,9 @@ async def test_a_jumbled_chain_is_counted(
         )
 
     assert operations(points) - operations(before) >= len(chain) + parked
+    (histogram, *_) = points["ordering.store.duration"]
+    assert isinstance(histogram, HistogramDataPoint)
+    assert tuple(histogram.explicit_bounds) == store_metrics.DURATION_BUCKETS  # seconds
     await ordering.clear()
 
 
