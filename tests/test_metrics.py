@@ -9,9 +9,12 @@ before and after.
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from opentelemetry import metrics as otel
@@ -218,4 +221,31 @@ def test_every_instrument_is_named_under_ordering_with_a_unit_and_description() 
         "ordering_store_retry_time_seconds_total",
         "ordering_followers_oldest_age_seconds",
         "ordering_followers_waiting",
+    }
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json"
+#: A metric name in a query.
+_METRIC_NAME = re.compile(r"\bordering_[a-z_]+\b")
+
+
+def test_the_grafana_dashboard_parses_and_queries_only_metrics_the_store_defines() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    assert queries
+    defined: set[str] = set()
+    for instrument in store_metrics.INSTRUMENTS.values():
+        name = instrument.prometheus_name
+        if instrument.kind == "histogram":
+            defined |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            defined.add(name)
+    used = {name for query in queries for name in _METRIC_NAME.findall(query)}
+    assert used <= defined, f"the dashboard queries unknown metrics: {sorted(used - defined)}"
+    # every metric the store defines has a panel
+    assert {n.removesuffix("_bucket") for n in used} >= {
+        i.prometheus_name for i in store_metrics.INSTRUMENTS.values()
     }

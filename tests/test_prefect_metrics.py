@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from ordering import metrics
 from ordering.engine import URL_ENV
 
 from .conftest import IN_CI
+from .netfaults import closed_port
 
 try:
     import opentelemetry.exporter.prometheus  # noqa: F401
@@ -42,14 +42,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 #: How long the server may take to start, and the events to show up in its metrics.
 STARTUP_SECONDS = 240.0
 EVENTS_SECONDS = 120.0
-
-
-def _free_port() -> int:
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    probe.bind(("127.0.0.1", 0))
-    port: int = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def _get(url: str) -> str | None:
@@ -76,7 +68,7 @@ def _post(url: str, payload: object) -> None:
 def prefect_server(store_url: str, home: Path) -> Iterator[str]:
     """A Prefect server process on a free port, our ordering on ``store_url`` and
     Prefect's metrics on; yields its API URL."""
-    port = _free_port()
+    port = closed_port()  # free: nothing listens on it yet
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home),
