@@ -71,6 +71,14 @@ class Instrument:
             name = f"{name}_{unit}"
         return f"{name}_total" if self.kind == "counter" else name
 
+    @property
+    def prometheus_series(self) -> frozenset[str]:
+        """The names of the series Prometheus serves for it."""
+        name = self.prometheus_name
+        if self.kind == "histogram":
+            return frozenset({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+        return frozenset({name})
+
 
 _PROMETHEUS_UNITS = {"s": "seconds"}
 
