@@ -22,6 +22,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
+from . import metrics
 from .backends import (
     Backend,
     BeginRequest,
@@ -257,6 +258,7 @@ class CausalOrdering(Generic[E]):
         self.poll_interval = poll_interval
         self.notify = notify
         self._key_prefix = f"{self.url}#{self.schema}"
+        self._metric_attributes = metrics.scope_attributes(scope)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -390,6 +392,7 @@ class CausalOrdering(Generic[E]):
                     is_follower=is_follower(event),
                 )
             )
+            metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
             done = True
         except EventArrivedEarly as early:
             done = _parked_here(early, event.id)  # parking released the lease
@@ -426,12 +429,15 @@ class CausalOrdering(Generic[E]):
             )
         )
         if taken is Refused.ALREADY_SEEN:
+            metrics.refused(self.scope, metrics.ALREADY_PROCESSED)
             self._log(event, "was processed already")
             raise EventAlreadyProcessed(event)
         if taken is Refused.HELD_ELSEWHERE:
+            metrics.refused(self.scope, metrics.HELD_ELSEWHERE)
             self._log(event, "is already being processed")
             raise EventBeingProcessed(event)
         assert isinstance(taken, Begun)
+        metrics.EVENTS_BEGUN.add(1, self._metric_attributes)
         return taken
 
     def _keep(self, backend: Backend, owner: str) -> int:
@@ -489,6 +495,7 @@ class CausalOrdering(Generic[E]):
             owner=_new_owner(),
             hold_until=now + self.lease_duration,
         )
+        metrics.lost_followers(self._metric_attributes, len(rows))
         return self._load(rows)
 
     def _declared_leader(self, event: OrderedEvent) -> UUID:
@@ -543,6 +550,7 @@ class CausalOrdering(Generic[E]):
         )
         if not parked:
             return  # the leader was seen while we looked: go ahead
+        metrics.EVENTS_PARKED.add(1, self._metric_attributes)
         self._log(event, "arrived before the event it follows %s", leader)
         raise EventArrivedEarly(event)
 
@@ -646,6 +654,7 @@ class CausalOrdering(Generic[E]):
                     is_follower=is_follower(event),
                 )
             )
+            metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
             done = True
             if held is not None:
                 held.completed = True
@@ -693,6 +702,7 @@ class CausalOrdering(Generic[E]):
                 lease = _Lease(owner, released_by_leader=True)
                 key = self._key(follower.id)
                 _hold(key, lease)
+                metrics.EVENTS_RELEASED.add(1, self._metric_attributes)
                 try:
                     await handler(follower, depth=depth + 1)
                 finally:
@@ -709,6 +719,7 @@ class CausalOrdering(Generic[E]):
                             claim=claim,
                         )
                     )
+                    metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
                 pending.pop(0)
                 if released:
                     await self._hand_out(

@@ -16,6 +16,12 @@ schema of their own (``ordering``), so Prefect's ``database reset`` neither trip
 nor drops them; on SQLite they are prefixed ``ordering_``, alembic's version table
 included.  Create them with ``ordering migrate --url ...``.
 
+With Prefect's metrics on (``PREFECT_SERVER_METRICS_ENABLED=true``) the store's metrics
+appear on Prefect's own ``/api/metrics``: Prefect serves prometheus_client's default
+registry there, and this module, when it is imported and no OpenTelemetry MeterProvider
+was installed, installs one whose Prometheus reader registers with that registry (see
+``serve_on_prometheus`` and docs/metrics.md).
+
 This is the only module of the package that imports Prefect.
 """
 
@@ -47,6 +53,7 @@ __all__ = [
     "EventArrivedEarly",
     "MaxDepthExceeded",
     "database_url",
+    "serve_on_prometheus",
     "set_clock",
     "use_clock",
 ]
@@ -55,6 +62,44 @@ logger = logging.getLogger(__name__)
 
 #: Where the URL came from when ``ORDERING_DATABASE_URL`` is not set (for messages).
 PREFECT_URL_SETTING = "PREFECT_API_DATABASE_CONNECTION_URL"
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+def serve_on_prometheus() -> bool:
+    """Make the store's metrics part of what prometheus_client's default registry (so
+    Prefect's ``/api/metrics``) serves: install an OpenTelemetry SDK MeterProvider with
+    a Prometheus reader, unless a MeterProvider is installed already (then the
+    application's own provider gets the metrics, and exports them its own way).
+
+    Returns whether it installed one.  Called when this module is imported, if
+    Prefect's metrics are enabled.
+    """
+    from opentelemetry import metrics as otel
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+
+    # The API hands out a proxy until a provider is set (or one is named in
+    # OTEL_PYTHON_METER_PROVIDER); setting one a second time is refused with a warning.
+    if not isinstance(otel.get_meter_provider(), _ProxyMeterProvider):
+        return False
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+    except ImportError:
+        logger.warning(
+            "Prefect's metrics are on but the store's cannot join them: install "
+            "sql-causal-ordering[prefect] (opentelemetry-sdk and "
+            "opentelemetry-exporter-prometheus)"
+        )
+        return False
+    otel.set_meter_provider(MeterProvider(metric_readers=[PrometheusMetricReader()]))
+    logger.info("the store's metrics are served with Prefect's, on its /api/metrics")
+    return True
+
+
+if get_current_settings().server.metrics_enabled:
+    serve_on_prometheus()
 
 
 class EventArrivedEarly(prefect_ordering.EventArrivedEarly, exceptions.EventArrivedEarly):

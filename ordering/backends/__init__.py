@@ -7,6 +7,7 @@ module more, and one line in ``_DIALECTS``.
 
 from __future__ import annotations
 
+from .. import metrics
 from ..loops import Registry
 from ..schema import resolve_schema
 from .base import (
@@ -33,9 +34,20 @@ def backend_for(url: str, schema: str | None = None) -> Backend:
 
     Called several times per event: the lookup is two dictionary reads."""
     if url.startswith("sqlite"):
-        return _registry.get(url, SqliteBackend)
+        return _registry.get(url, _sqlite)
     chosen = schema or resolve_schema(None)
-    return _registry.get(_key(url, chosen), lambda _: PostgresBackend(url, schema=chosen))
+    key = _key(url, chosen)
+    return _registry.get(key, lambda _: _watched(key, PostgresBackend(url, schema=chosen)))
+
+
+def _sqlite(url: str) -> Backend:
+    return _watched(url, SqliteBackend(url))
+
+
+def _watched(key: str, backend: Backend) -> Backend:
+    """A backend just built, its database's waiting followers reported as metrics."""
+    metrics.watch(key, backend)
+    return backend
 
 
 def _key(url: str, schema: str | None) -> str:

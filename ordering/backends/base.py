@@ -50,6 +50,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
+from .. import metrics
 from ..engine import url_deadline
 from ..exceptions import SchemaError, StoreUnavailable
 from ..notify import Waiter
@@ -415,6 +416,9 @@ class Connections(Generic[C], abc.ABC):
         self._closing: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_connections)
         self.before_first_use: Callable[[], Awaitable[None]] | None = None
+        self._system = metrics.system_of(url)
+        self._metric_attributes = metrics.system_attributes(self._system)
+        self._operations: dict[str, metrics.Attributes] = {}
 
     # what a dialect says
     @abc.abstractmethod
@@ -541,22 +545,38 @@ class Connections(Generic[C], abc.ABC):
             raise TimeoutError("no free connection within the attempt's time")
         return True
 
-    async def run(self, operation: Callable[[C], Awaitable[T]], *, idempotent: bool = True) -> T:
+    async def run(
+        self,
+        operation: Callable[[C], Awaitable[T]],
+        *,
+        idempotent: bool = True,
+        name: str = "other",
+    ) -> T:
         """Run ``operation`` on a connection, retrying lost connections, within the
-        deadline of the call (see the module's docstring)."""
+        deadline of the call (see the module's docstring).  ``name`` says which
+        operation it is in the metrics (``ordering.store.duration``)."""
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         gives_up_at = _gives_up_at.get()
         if gives_up_at is None:
             gives_up_at = loop.time() + self.deadline
-        with giving_up_at(gives_up_at):
-            if self.before_first_use is not None:
-                check, self.before_first_use = self.before_first_use, None
-                try:
-                    await check()
-                except BaseException:
-                    self.before_first_use = check
-                    raise
-            return await self._attempts(operation, idempotent, gives_up_at)
+        try:
+            with giving_up_at(gives_up_at):
+                if self.before_first_use is not None:
+                    check, self.before_first_use = self.before_first_use, None
+                    try:
+                        await check()
+                    except BaseException:
+                        self.before_first_use = check
+                        raise
+                return await self._attempts(operation, idempotent, gives_up_at)
+        finally:
+            attributes = self._operations.get(name)
+            if attributes is None:
+                attributes = self._operations[name] = metrics.operation_attributes(
+                    self._system, name
+                )
+            metrics.STORE_DURATION.record(time.perf_counter() - started, attributes)
 
     async def _attempts(
         self, operation: Callable[[C], Awaitable[T]], idempotent: bool, gives_up_at: float
@@ -564,6 +584,8 @@ class Connections(Generic[C], abc.ABC):
         loop = asyncio.get_running_loop()
         delay = self.backoff
         attempt = 0
+        #: When the first attempt failed (loop time), for the retry-time metric.
+        failed_at: float | None = None
         while True:
             attempt += 1
             connection: C | None = None
@@ -582,10 +604,13 @@ class Connections(Generic[C], abc.ABC):
                 _attempt_ends.set(sent_by if idempotent else gives_up_at)
                 result = await operation(connection)
                 await self._give_back(connection)
+                if failed_at is not None:
+                    metrics.retrying_took(self._metric_attributes, loop.time() - failed_at)
                 return result
             except _OutOfTime:
                 if connection is not None:
                     await self._give_back(connection)
+                self._gave_up(loop.time() if failed_at is None else failed_at)
                 raise StoreUnavailable(
                     f"{self.safe_url()} is unavailable: no time left for another attempt "
                     f"within the deadline of {self.deadline:g} s after {attempt - 1} "
@@ -597,7 +622,10 @@ class Connections(Generic[C], abc.ABC):
                 if not self.is_database_error(exc) or not self.is_transient(exc):
                     raise
                 self._drop_idle()
+                if failed_at is None:
+                    failed_at = loop.time()
                 if not idempotent and not self.changed_nothing(exc, connection):
+                    self._gave_up(failed_at)
                     raise StoreUnavailable(
                         f"lost the connection to {self.safe_url()} during an operation "
                         f"that is not safe to repeat: {_described(exc)}"
@@ -605,12 +633,14 @@ class Connections(Generic[C], abc.ABC):
                 # Equal jitter: workers that failed together do not come back together.
                 pause = random.uniform(delay / 2, delay)
                 if loop.time() + pause + self.attempt_seconds > gives_up_at:
+                    self._gave_up(failed_at)
                     raise StoreUnavailable(
                         f"{self.safe_url()} is unavailable: gave up after {attempt} "
                         f"attempt{'s' if attempt > 1 else ''} within the deadline of "
                         f"{self.deadline:g} s (the URL's ?deadline=, or deadline= of the "
                         f"ordering): {_described(exc)}"
                     ) from exc
+                metrics.retried(self._metric_attributes)
                 logger.warning(
                     "database operation failed (%s), retrying in %.2fs (attempt %d)",
                     _described(exc),
@@ -624,6 +654,12 @@ class Connections(Generic[C], abc.ABC):
                     self._slots.release()
             await asyncio.sleep(pause)
             delay = min(delay * 2, self.backoff_max)
+
+    def _gave_up(self, failed_at: float) -> None:
+        metrics.unavailable(self._metric_attributes)
+        metrics.retrying_took(
+            self._metric_attributes, asyncio.get_running_loop().time() - failed_at
+        )
 
 
 async def _logged(cleanup: Coroutine[Any, Any, None]) -> None:

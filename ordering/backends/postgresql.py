@@ -213,7 +213,7 @@ class PostgresBackend(Backend):
             rows: Rows = await connection.fetch(query.sql, *args, timeout=_bound())
             return rows
 
-        return await self.connections.run(run, idempotent=idempotent)
+        return await self.connections.run(run, idempotent=idempotent, name=name)
 
     async def query(
         self, name: str, /, *, types: Sequence[type] | None = None, **params: Any
@@ -241,7 +241,7 @@ class PostgresBackend(Backend):
             oldest = await value("oldest_code_served") if compatibility else None
             return revision, oldest
 
-        revision, oldest = await self.connections.run(read)
+        revision, oldest = await self.connections.run(read, name="check_schema")
         check_schema_rows(
             self.connections.safe_url(), revision, oldest, code_revision=self.code_revision
         )

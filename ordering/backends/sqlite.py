@@ -233,6 +233,7 @@ class SqliteBackend(Backend):
         *,
         write: bool = False,
         idempotent: bool = True,
+        name: str = "other",
     ) -> T:
         """Run ``work`` with an ``execute(name, params)`` that returns rows; with
         ``write`` the whole of it is one BEGIN IMMEDIATE transaction (a single
@@ -268,7 +269,7 @@ class SqliteBackend(Backend):
                 self._note_write()
             return result
 
-        result = await self.connections.run(operation, idempotent=idempotent)
+        result = await self.connections.run(operation, idempotent=idempotent, name=name)
         if write and not waited:
             # An operation that never waited must still let other tasks run (the
             # checkpoint, lease renewals, other consumers): one turn of the loop per
@@ -277,7 +278,9 @@ class SqliteBackend(Backend):
         return result
 
     async def _fetch(self, name: str, *, idempotent: bool = True, **params: Any) -> Rows:
-        return await self._run(lambda execute: execute(name, params), idempotent=idempotent)
+        return await self._run(
+            lambda execute: execute(name, params), idempotent=idempotent, name=name
+        )
 
     async def query(
         self, name: str, /, *, types: Sequence[type] | None = None, **params: Any
@@ -292,7 +295,7 @@ class SqliteBackend(Backend):
         ]
 
     async def write(self, name: str, /, **params: Any) -> Rows:
-        return await self._run(lambda execute: execute(name, params), write=True)
+        return await self._run(lambda execute: execute(name, params), write=True, name=name)
 
     def _note_write(self) -> None:
         self._writes += 1
@@ -322,7 +325,7 @@ class SqliteBackend(Backend):
             oldest = execute("oldest_code_served", {}) if compatibility else []
             return (revision[0][0] if revision else None), (oldest[0][0] if oldest else None)
 
-        revision, oldest = await self._run(read)
+        revision, oldest = await self._run(read, name="check_schema")
         check_schema_rows(self.url, revision, oldest, code_revision=self.code_revision)
 
     # -- the hot path ---------------------------------------------------------------
@@ -343,7 +346,7 @@ class SqliteBackend(Backend):
                 return Refused.ALREADY_SEEN
             return Refused.HELD_ELSEWHERE
 
-        return await self._run(work)
+        return await self._run(work, name="begin")
 
     async def complete(self, request: CompleteRequest) -> list[str]:
         return await self._completions.submit(request)
@@ -354,7 +357,9 @@ class SqliteBackend(Backend):
         def work(execute: Execute) -> list[list[str]]:
             return [_complete_one(execute, request) for request in requests]
 
-        released = await self._run(work, write=True)
+        released = await self._run(
+            work, write=True, name="complete" if len(requests) == 1 else "complete_batch"
+        )
         for request in requests:
             self._wake(request.scope, request.event_id)
         return released
@@ -385,7 +390,7 @@ class SqliteBackend(Backend):
                 execute("release", {"scope": scope, "event_id": event_id, "owner": owner})
             return True
 
-        parked = await self._run(work, write=True)
+        parked = await self._run(work, write=True, name="park")
         if parked:
             self._wake(scope, event_id)  # no longer in flight: its own waiters park too
         return parked
@@ -399,7 +404,7 @@ class SqliteBackend(Backend):
             execute("renew_leases", params)
             execute("renew_claims", params)
 
-        await self._run(work, write=True)
+        await self._run(work, write=True, name="renew")
 
     def leader_waiter(
         self, *, scope: str, leader_id: UUID, notify: bool
@@ -427,14 +432,14 @@ class SqliteBackend(Backend):
             )
             execute("unclaim_leases", {"scope": scope, "owner": owner, "ids": listed})
 
-        await self._run(work, write=True)
+        await self._run(work, write=True, name="unclaim")
 
     async def clear(self, *, scope: str | None) -> None:
         def work(execute: Execute) -> None:
             for name in ("clear_seen", "clear_leases", "clear_followers"):
                 execute(name, {"scope": scope})
 
-        await self._run(work, write=True)
+        await self._run(work, write=True, name="clear")
 
 
 def _complete_one(execute: Execute, request: CompleteRequest) -> list[str]:

@@ -155,6 +155,10 @@ SELECT DISTINCT ON (scope) scope, follower_id, leader_id, received, event->>'eve
 FROM waiting_followers WHERE $1::text IS NULL OR scope = $1
 ORDER BY scope, received, follower_id
 
+-- name: waiting_summary()
+-- For the metrics: per scope, how many followers wait and when the oldest came.
+SELECT scope, count(*), min(received) FROM waiting_followers GROUP BY scope
+
 -- name: list_followers(scope, leader_id, lost_only, cutoff, now, row_limit)
 SELECT f.scope, f.follower_id, f.leader_id, f.occurred, f.received, f.claimed_by,
        f.claimed_until, f.event::text, {lost(f, $4, $5)}

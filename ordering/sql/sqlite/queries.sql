@@ -156,6 +156,10 @@ SELECT scope, follower_id, leader_id, received, event_name FROM (
     FROM ordering_waiting_followers WHERE ?1 IS NULL OR scope = ?1
 ) WHERE rank = 1
 
+-- name: waiting_summary()
+-- For the metrics: per scope, how many followers wait and when the oldest came.
+SELECT scope, count(*), min(received) FROM ordering_waiting_followers GROUP BY scope
+
 -- name: list_followers(scope, leader_id, lost_only, cutoff, now, row_limit)
 SELECT f.scope, f.follower_id, f.leader_id, f.occurred, f.received, f.claimed_by,
        f.claimed_until, f.event, {lost(f, ?4, ?5)}
