@@ -228,17 +228,20 @@ class CausalOrdering(Generic[E]):
             )
         self.scope = scope
         self.url = resolve_url(url)
+        #: The URL the backend is built for: ``url`` with the deadline written in, so
+        #: that orderings with other deadlines get backends of their own.
+        self._store_url = self.url
         if deadline is None and not url_sets_deadline(self.url):
             # A call must end well within the lease it holds: see docs/guarantees.md.
             shorter = lease_duration / 3
             if shorter < timedelta(seconds=DEFAULT_DEADLINE):
                 deadline = shorter
         if deadline is not None:
-            self.url = with_deadline(self.url, deadline.total_seconds())
+            self._store_url = with_deadline(self.url, deadline.total_seconds())
         #: How long any call of the store may take, all its attempts included, before it
         #: raises StoreUnavailable (``deadline=``, else the URL's ``?deadline=``, else
         #: 10 seconds or a third of ``lease_duration``, whichever is shorter).
-        self.deadline = timedelta(seconds=url_deadline(self.url))
+        self.deadline = timedelta(seconds=url_deadline(self._store_url))
         if self.deadline >= lease_duration:
             raise ValueError(
                 f"deadline ({self.deadline}) must be shorter than lease_duration "
@@ -257,7 +260,7 @@ class CausalOrdering(Generic[E]):
         self.lease_duration = lease_duration
         self.poll_interval = poll_interval
         self.notify = notify
-        self._key_prefix = f"{self.url}#{self.schema}"
+        self._key_prefix = f"{self._store_url}#{self.schema}"
         self._metric_attributes = metrics.scope_attributes(scope)
 
     # -- plumbing -----------------------------------------------------------------
@@ -265,7 +268,7 @@ class CausalOrdering(Generic[E]):
     @property
     def backend(self) -> Backend:
         """The shared backend for this URL on the running event loop."""
-        return backend_for(self.url, self.schema)
+        return backend_for(self._store_url, self.schema)
 
     def _now(self) -> datetime:
         now = self.clock()
