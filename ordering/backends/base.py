@@ -147,7 +147,6 @@ class CompleteRequest:
         """The values of the ``complete`` statement, by name."""
         claim = self.claim
         return {
-            "seen_until": self.seen_until,
             "scope": self.scope,
             "event_id": self.event_id,
             "owner": self.lease_owner,
@@ -155,6 +154,7 @@ class CompleteRequest:
             "claim_owner": claim.owner if claim else None,
             "claim_until": claim.until if claim else None,
             "is_follower": self.is_follower,
+            "seen_until": self.seen_until,
         }
 
 
