@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -119,6 +120,9 @@ class Pruner:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._serial = next(_serial)
+        #: A child forked with the loop inherits this pruner's timer: it must not fire
+        #: there (the backend's connections are the parent's); the child has its own.
+        self._pid = os.getpid()
 
     @property
     def enabled(self) -> bool:
@@ -135,7 +139,7 @@ class Pruner:
 
     def _due(self) -> None:
         self._timer = None
-        if not self._stopped:
+        if not self._stopped and os.getpid() == self._pid:
             self._task = asyncio.get_running_loop().create_task(self._round_then_next())
 
     async def _round_then_next(self) -> None:
@@ -152,7 +156,7 @@ class Pruner:
             )
         finally:
             self._task = None
-        if not self._stopped:
+        if not self._stopped and os.getpid() == self._pid:
             self._schedule(self.interval)
 
     async def stop(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -414,3 +415,51 @@ async def test_dispose_engines_stops_the_pruner(
     await asyncio.sleep(0.3)
     assert pruner.rounds == rounds
     assert pruner._timer is None and pruner._task is None
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork")
+def test_a_forked_child_prunes_with_its_own_pruner_never_the_parents(
+    db_url: str, scope: str
+) -> None:
+    """The parent's pruner is scheduled on a loop the child inherits and runs: it never
+    fires there (its backend's connections are the parent's); the child's orderings get
+    a backend and a pruner of their own, which run."""
+    clock = MutableClock(datetime.fromisoformat("2026-11-28T12:00:00+00:00"))
+    loop = asyncio.new_event_loop()
+    try:
+        parent = ordering_on(db_url, scope, clock, prune_interval=timedelta(seconds=0.3))
+        loop.run_until_complete(parent.event_has_been_seen(uuid4()))
+        parents = loop.run_until_complete(_pruner_soon(parent))
+        pid = os.fork()
+        if pid == 0:  # the child: run the inherited loop for a while
+            code = 1
+            try:
+                code = loop.run_until_complete(_child(db_url, scope, clock, parents))
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        loop.run_until_complete(dispose_engines())
+        loop.close()
+
+
+async def _pruner_soon(ordering: CausalOrdering[Any]) -> Pruner:
+    return pruner_of(ordering)
+
+
+async def _child(url: str, scope: str, clock: MutableClock, parents: Pruner) -> int:
+    before = parents.last  # a new PruneRound after each round, skipped ones too
+    child = ordering_on(url, scope, clock, prune_interval=timedelta(seconds=0.3))
+    own = pruner_of(child)
+    if own is parents:
+        return 2
+    first = own.last
+    await eventually(lambda: own.last is not first, what="the child's round", within=10)
+    await asyncio.sleep(0.6)  # two of the parent's intervals
+    await dispose_engines()
+    return 0 if parents.last is before else 3
