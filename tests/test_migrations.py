@@ -582,8 +582,7 @@ def test_a_first_release_database_is_moved_into_the_schema(postgres_empty_url: s
     assert not [name for name in objects(url, "public") if name.startswith("ordering_")]
     assert not pg_functions(url, "public") & set(FIRST_RELEASE_FUNCTIONS)
     assert run(_host_state(url)) == host
-    names = {base: f"ordering.{base}" for base in TABLES}
-    assert run(_read(url, "0002", names)) == seeded
+    unchanged(url, {"0002": seeded}, "moving into the schema")  # later columns aside
 
     async def through_the_api() -> None:
         ids = _ids("0002")
