@@ -47,8 +47,10 @@ from .engine import (
     DEFAULT_DEADLINE,
     resolve_url,
     url_deadline,
+    url_prune_interval,
     url_sets_deadline,
     with_deadline,
+    with_prune_interval,
 )
 from .events import EventModel, OrderedEvent, as_uuid, checked_event, event_id, is_follower
 from .exceptions import (
@@ -161,6 +163,7 @@ class CausalOrdering(Generic[E]):
         notify: bool = ...,
         schema: str | None = ...,
         deadline: timedelta | None = ...,
+        prune_interval: timedelta | None = ...,
     ) -> None: ...
 
     @overload
@@ -180,6 +183,7 @@ class CausalOrdering(Generic[E]):
         notify: bool = ...,
         schema: str | None = ...,
         deadline: timedelta | None = ...,
+        prune_interval: timedelta | None = ...,
     ) -> None: ...
 
     def __init__(
@@ -198,6 +202,7 @@ class CausalOrdering(Generic[E]):
         notify: bool = True,
         schema: str | None = None,
         deadline: timedelta | None = None,
+        prune_interval: timedelta | None = None,
     ) -> None:
         if not isinstance(scope, str) or not scope or len(scope) > 200:
             raise ValueError(
@@ -212,6 +217,13 @@ class CausalOrdering(Generic[E]):
                 raise ValueError(f"{name} must be positive, not {value}")
         if deadline is not None and deadline <= timedelta(0):
             raise ValueError(f"deadline must be positive, not {deadline}")
+        if prune_interval is not None and (
+            not isinstance(prune_interval, timedelta) or prune_interval < timedelta(0)
+        ):
+            raise ValueError(
+                "prune_interval must be a timedelta of 0 or more (0 turns the store's "
+                f"pruning off), not {prune_interval!r}"
+            )
         if in_flight_event_timeout < timedelta(0):
             raise ValueError(
                 f"in_flight_event_timeout must not be negative, not {in_flight_event_timeout}"
@@ -247,6 +259,11 @@ class CausalOrdering(Generic[E]):
                 f"deadline ({self.deadline}) must be shorter than lease_duration "
                 f"({lease_duration}): a call could outlast the lease it holds"
             )
+        if prune_interval is not None:
+            self._store_url = with_prune_interval(self._store_url, prune_interval.total_seconds())
+        #: How often the store deletes expired rows by itself (ordering/retention.py;
+        #: ``prune_interval=``, else the URL's ``?prune_interval=``, else 60 s); 0: never.
+        self.prune_interval = timedelta(seconds=url_prune_interval(self._store_url))
         self.clock: Callable[[], datetime] = clock or utc_now
         self.event_type: type[Any] = event_type or ReceivedEvent
         # The overloads tie E to event_type (ReceivedEvent when none is given).
@@ -267,8 +284,12 @@ class CausalOrdering(Generic[E]):
 
     @property
     def backend(self) -> Backend:
-        """The shared backend for this URL on the running event loop."""
-        return backend_for(self._store_url, self.schema)
+        """The shared backend for this URL on the running event loop; the first use
+        starts its pruner (ordering/retention.py)."""
+        backend = backend_for(self._store_url, self.schema)
+        if backend.pruner is None:
+            backend.start_pruning(self.clock)
+        return backend
 
     def _now(self) -> datetime:
         now = self.clock()
@@ -316,7 +337,10 @@ class CausalOrdering(Generic[E]):
 
     async def record_event_as_seen(self, event: E) -> None:
         seen_id = event_id(event)
-        await self.backend.record_seen(scope=self.scope, event_id=seen_id, now=self._now())
+        now = self._now()
+        await self.backend.record_seen(
+            scope=self.scope, event_id=seen_id, now=now, seen_until=now + self.seen_expiration
+        )
 
     # -- processing leases --------------------------------------------------------
 
@@ -385,14 +409,16 @@ class CausalOrdering(Generic[E]):
                 yield
             finally:
                 keeper().release(kept)
+            now = self._now()
             await self.backend.complete(
                 CompleteRequest(
                     scope=self.scope,
                     event_id=event.id,
                     lease_owner=owner,
-                    now=self._now(),
+                    now=now,
                     claim=None,
                     is_follower=is_follower(event),
+                    seen_until=now + self.seen_expiration,
                 )
             )
             metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
@@ -655,6 +681,7 @@ class CausalOrdering(Generic[E]):
                     now=now,
                     claim=claim,
                     is_follower=is_follower(event),
+                    seen_until=now + self.seen_expiration,
                 )
             )
             metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
@@ -713,13 +740,15 @@ class CausalOrdering(Generic[E]):
                 released: list[str] = []
                 claim = Claim(owner=_new_owner(), until=self._now() + self.lease_duration)
                 if not lease.completed:
+                    now = self._now()
                     released = await backend.complete(
                         CompleteRequest(
                             scope=self.scope,
                             event_id=follower.id,
                             lease_owner=owner,
-                            now=self._now(),
+                            now=now,
                             claim=claim,
+                            seen_until=now + self.seen_expiration,
                         )
                     )
                     metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)

@@ -582,8 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "prune",
         help="delete expired seen events and leases, in small batches",
-        description="Delete seen events older than the seen expiration and expired leases, "
-        "in batches that each run as one short transaction, so workers keep going. "
+        description="Delete seen events past their expiry and expired leases, in batches "
+        "that each run as one short transaction, so workers keep going. The store does "
+        "this by itself while workers run (every 60 s unless ?prune_interval= says "
+        "otherwise); this command is for databases whose workers turned that off, and for "
+        "seen events written before schema revision 0006, which carry no expiry. "
         "Waiting followers are never pruned: get_lost_followers() hands them out.",
     )
     _add_common(p)
@@ -602,8 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_minutes,
         default=SEEN_EXPIRATION,
         metavar="MINUTES",
-        help=f"keep seen events younger than this (default: {_minutes_of(SEEN_EXPIRATION)}, "
-        "ordering.SEEN_EXPIRATION; give the longest seen_expiration your orderings use)",
+        help="for seen events without an expiry (written before schema revision 0006): "
+        f"keep those younger than this (default: {_minutes_of(SEEN_EXPIRATION)}, "
+        "ordering.SEEN_EXPIRATION; give the longest seen_expiration those workers used). "
+        "Seen events with an expiry go by it",
     )
     _add_now(p)
     p.set_defaults(run=cmd_prune)

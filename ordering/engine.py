@@ -54,6 +54,8 @@ def _checked_url(chosen: str) -> str:
         )
     if DEADLINE_PARAMETER in parsed.query:
         _deadline_seconds(parsed.query[DEADLINE_PARAMETER])  # refuses a bad one
+    if PRUNE_INTERVAL_PARAMETER in parsed.query:
+        _prune_interval_seconds(parsed.query[PRUNE_INTERVAL_PARAMETER])
     if parsed.drivername.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
         raise ValueError(
             "an in-memory SQLite database is not shared between connections: "
@@ -107,9 +109,51 @@ def with_deadline(url: str, seconds: float) -> str:
     )
 
 
+#: The URL query's name for the seconds between two rounds of the store's own pruning
+#: (ordering/retention.py); 0 turns it off.
+PRUNE_INTERVAL_PARAMETER = "prune_interval"
+DEFAULT_PRUNE_INTERVAL = 60.0
+
+
+def _prune_interval_seconds(given: object) -> float:
+    text = given[-1] if isinstance(given, tuple) else given
+    try:
+        seconds = float(str(text))
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(
+            f"the URL's {PRUNE_INTERVAL_PARAMETER}= must be a number of seconds, 0 or more "
+            f"(0 turns the store's pruning off), not {text!r}"
+        )
+    return seconds
+
+
+@functools.lru_cache(maxsize=64)
+def url_prune_interval(url: str) -> float:
+    """Seconds between two rounds of pruning on a checked URL; 0: off."""
+    given = make_url(url).query.get(PRUNE_INTERVAL_PARAMETER)
+    return DEFAULT_PRUNE_INTERVAL if given is None else _prune_interval_seconds(given)
+
+
+@functools.lru_cache(maxsize=64)
+def with_prune_interval(url: str, seconds: float) -> str:
+    """The checked URL with its prune interval set to ``seconds`` (0: off)."""
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(
+            f"prune_interval must be a time of 0 or more (0 turns pruning off), "
+            f"not {seconds} seconds"
+        )
+    return (
+        make_url(url)
+        .update_query_dict({PRUNE_INTERVAL_PARAMETER: f"{seconds:g}"})
+        .render_as_string(hide_password=False)
+    )
+
+
 def _driver_url(url: str) -> URL:
-    """The URL as a driver takes it: without the store's own parameter."""
-    return make_url(url).difference_update_query([DEADLINE_PARAMETER])
+    """The URL as a driver takes it: without the store's own parameters."""
+    return make_url(url).difference_update_query([DEADLINE_PARAMETER, PRUNE_INTERVAL_PARAMETER])
 
 
 def _mask_password(text: str) -> str:
@@ -124,9 +168,9 @@ def safe_url(url: str) -> str:
 
 def asyncpg_dsn(url: str) -> str:
     """What asyncpg connects to for a checked PostgreSQL URL: the same URL, query and
-    all but the store's ``deadline``.  asyncpg reads connection options from the query
-    (``sslmode``) and passes on the rest as server settings, e.g.
-    ``?synchronous_commit=off``.  Several hosts go into the netloc (see hosts.py)."""
+    all but the store's ``deadline`` and ``prune_interval``.  asyncpg reads connection
+    options from the query (``sslmode``) and passes on the rest as server settings,
+    e.g. ``?synchronous_commit=off``.  Several hosts go into the netloc (see hosts.py)."""
     return hosts.asyncpg_dsn(_driver_url(url).set(drivername="postgresql"))
 
 

@@ -17,7 +17,7 @@ import os
 import re
 
 #: The schema revision this code was written for (the newest migration it ships).
-CODE_REVISION = "0005"
+CODE_REVISION = "0006"
 
 #: The PostgreSQL schema the store's objects live in, unless told otherwise.
 DEFAULT_SCHEMA = "ordering"

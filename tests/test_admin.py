@@ -230,14 +230,23 @@ async def test_prune_works_in_batches_and_reports_progress(
     assert calls == [(2, 8), (4, 8), (6, 8), (7, 8), (8, 8)]
 
 
-async def test_prune_keeps_what_a_longer_seen_expiration_still_reads(
+async def test_prune_goes_by_each_rows_expiry_and_seen_expiration_for_rows_without(
     ordering: CausalOrdering[ReceivedEvent], clock: MutableClock, db_url: str
 ) -> None:
+    """Rows this release wrote carry their expiry, whatever --seen-expiration says; a row
+    an earlier release wrote (none) is kept while younger than the seen expiration."""
     await populate(ordering, clock)
+    await run_sql(
+        db_url,
+        "INSERT INTO {seen_events} (scope, event_id, seen_at) VALUES (:scope, :id, :at)",
+        {"scope": ordering.scope, "id": uuid4(), "at": clock() - timedelta(hours=1)},
+    )
     result = await admin.prune(
         db_url, scope=ordering.scope, now=clock(), seen_expiration=timedelta(hours=2)
     )
-    assert (result.seen_events, result.leases) == (0, 2)
+    assert (result.seen_events, result.leases) == (2, 2)
+    result = await admin.prune(db_url, scope=ordering.scope, now=clock())
+    assert (result.seen_events, result.leases) == (1, 0)
 
 
 async def test_prune_of_one_scope_leaves_the_others(

@@ -2,10 +2,10 @@
 workers, start the next release's workers beside them, and lose nothing.
 
 The next release is revision 0099 (tests/deploy/versions): it adds a nullable
-``note`` to the seen events and, on PostgreSQL, ``complete_event_v2``, which writes
+``note`` to the seen events and, on PostgreSQL, ``complete_event_v3``, which writes
 it.  Its workers (tests/deploy/worker.py ``--mode new``) complete events through the
 new function (on SQLite, with the new column in their own statement); this
-release's workers (``--mode old``) go on with ``complete_event_v1`` on the same
+release's workers (``--mode old``) go on with ``complete_event_v2`` on the same
 database.  Each worker is a process of its own; they share a file in which the
 handler writes a line per event it handles, in the order the handlers ran.
 
@@ -385,14 +385,14 @@ def test_rolling_deploy_loses_nothing_and_runs_both_releases(
     assert {by_worker[f] for f in crossing} == {"new"}
 
     # Each seen row was written by the release that handled the event: the new one
-    # through complete_event_v2 (its note), the old one still through v1 (none).
+    # through complete_event_v3 (its note), the old one still through v2 (none).
     notes = run(seen_notes(url, scope))
     assert notes == {e: (NOTE if w == "new" else None) for e, w in by_worker.items()}
     if postgres:
-        assert old_stats.functions.get("complete_event_v1", 0) > 0
-        assert "complete_event_v2" not in old_stats.functions
-        assert new_stats.functions.get("complete_event_v2", 0) > 0
-        assert "complete_event_v1" not in new_stats.functions
+        assert old_stats.functions.get("complete_event_v2", 0) > 0
+        assert "complete_event_v3" not in old_stats.functions
+        assert new_stats.functions.get("complete_event_v3", 0) > 0
+        assert "complete_event_v2" not in new_stats.functions
     else:
         assert old_stats.wrote_note == 0 and new_stats.wrote_note > 0
 
@@ -410,7 +410,7 @@ def test_the_next_revision_downgrades_to_what_this_release_runs_on(empty_url: st
     command.upgrade(next_release_config(url), NEXT_REVISION)
     assert run(columns_and_functions(url)) == (
         {"note"},
-        {"complete_event_v2"} if postgres else set(),
+        {"complete_event_v3"} if postgres else set(),
     )
     run(this_release_runs(url, "deploy"))  # additive: this release runs on it
 
@@ -421,7 +421,7 @@ def test_the_next_revision_downgrades_to_what_this_release_runs_on(empty_url: st
 
 
 async def columns_and_functions(url: str) -> tuple[set[str], set[str]]:
-    """The seen table's note column and the complete_event functions past v1, if any."""
+    """The seen table's note column and the complete_event functions past v2, if any."""
     engine = create_async_engine(url)
     try:
         async with engine.connect() as connection:
@@ -442,7 +442,7 @@ async def columns_and_functions(url: str) -> tuple[set[str], set[str]]:
                     "SELECT p.proname FROM pg_proc p "
                     "JOIN pg_namespace n ON n.oid = p.pronamespace "
                     "WHERE n.nspname = :s AND p.proname LIKE 'complete_event_v%' "
-                    "AND p.proname <> 'complete_event_v1'"
+                    "AND p.proname NOT IN ('complete_event_v1', 'complete_event_v2')"
                 ),
                 {"s": schema},
             )

@@ -43,17 +43,22 @@ async def prune(
     progress: Callable[[int, int], None] | None = None,
     schema: str | None = None,
 ) -> PruneResult:
-    """Delete seen events older than ``seen_expiration`` and expired leases.
+    """Delete seen events past their expiry and expired leases, at once.
+
+    The store does the same by itself while workers run (ordering/retention.py); this
+    is for a database whose workers turned that off (``prune_interval=0``), and for
+    seen rows written before schema revision 0006, which carry no expiry: those are
+    deleted once older than ``seen_expiration`` (pass the longest any worker of those
+    releases used).  Rows with an expiry go by it, whatever ``seen_expiration`` says.
 
     Safe while workers run: every batch is one short transaction of at most
     ``batch_size`` rows, so no lock is held for long, and only rows the store no
-    longer reads are deleted (a seen row at or before the cutoff no longer counts as
-    seen; a lease at or past its expiry may be taken over: the rules of
-    ordering/sql/<dialect>/rules.sql).  Waiting followers are never pruned: the
-    lost-follower sweep (``get_lost_followers``) hands them out.  Pass the longest
-    ``seen_expiration`` any ordering on this database uses.
+    longer reads are deleted (a lease at or past its expiry may be taken over: the
+    rules of ordering/sql/<dialect>/rules.sql).  Waiting followers are never pruned:
+    the lost-follower sweep (``get_lost_followers``) hands them out.
 
-    ``progress(done, total)`` is called after each batch; ``total`` is counted first.
+    ``progress(done, total)`` is called after each batch that deleted rows; ``total``
+    is counted first.
     Returns the rows deleted (or, with ``dry_run``, the rows that would be).
     """
     now = aware(now or utc_now())
@@ -63,13 +68,19 @@ async def prune(
         raise ValueError(f"seen expiration must be positive, not {seen_expiration}")
     backend = await open_backend(url, schema=schema)
     seen_after = now - seen_expiration
-    targets: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
-        ("seen events", "count_prunable_seen", "prune_seen", {"seen_after": seen_after}),
-        ("leases", "count_prunable_leases", "prune_leases", {"now": now}),
+    counts: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("count_prunable_seen", {"now": now, "seen_after": seen_after}),
+        ("count_prunable_leases", {"now": now}),
+    )
+    #: (what, statement, values): expired seen rows, those without an expiry, leases
+    batches: tuple[tuple[str, str, dict[str, Any]], ...] = (
+        ("seen events", "prune_expired_seen", {"now": now}),
+        ("seen events without an expiry", "prune_seen", {"seen_after": seen_after}),
+        ("leases", "prune_leases", {"now": now}),
     )
     counted: list[int] = []
     if dry_run or progress is not None:
-        for _, count, _, params in targets:
+        for count, params in counts:
             (row,) = await backend.query(count, scope=scope, **params)
             counted.append(int(row[0]))
     if dry_run:
@@ -77,16 +88,16 @@ async def prune(
     total = sum(counted)
     deleted: list[int] = []
     done = 0
-    for label, _, batch, params in targets:
+    for label, batch, params in batches:
         removed = 0
         while True:
             rows = await backend.write(batch, scope=scope, batch_size=batch_size, **params)
             removed += len(rows)
             done += len(rows)
-            if progress is not None:
+            if progress is not None and rows:
                 progress(done, max(total, done))
             if len(rows) < batch_size:
                 break
         logger.info("pruned %d %s", removed, label, extra={"scope": scope})
         deleted.append(removed)
-    return PruneResult(deleted[0], deleted[1])
+    return PruneResult(deleted[0] + deleted[1], deleted[2])

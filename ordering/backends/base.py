@@ -51,9 +51,10 @@ from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from .. import metrics
-from ..engine import url_deadline
+from ..engine import url_deadline, url_prune_interval
 from ..exceptions import SchemaError, StoreUnavailable
 from ..notify import Waiter
+from ..retention import Pruner
 from ..schema import check_revision
 from ..sql import Query
 
@@ -139,6 +140,9 @@ class CompleteRequest:
     claim: Claim | None
     #: Whether the event follows another (only such an event can have a follower row).
     is_follower: bool = True
+    #: When the seen row may be pruned (now + the writer's seen expiration); None
+    #: leaves it to ``ordering prune --seen-expiration``, as rows of earlier releases.
+    seen_until: datetime | None = None
 
     def params(self) -> dict[str, Any]:
         """The values of the ``complete`` statement, by name."""
@@ -151,6 +155,7 @@ class CompleteRequest:
             "claim_owner": claim.owner if claim else None,
             "claim_until": claim.until if claim else None,
             "is_follower": self.is_follower,
+            "seen_until": self.seen_until,
         }
 
 
@@ -202,6 +207,20 @@ class Backend(abc.ABC):
     url: str
     listeners: list[StatementListener]
     connections: Connections[Any]
+    #: Deletes expired rows at the URL's prune interval (ordering/retention.py); made
+    #: by the first ordering that uses this backend.
+    pruner: Pruner | None = None
+
+    def start_pruning(self, clock: Callable[[], datetime]) -> Pruner:
+        """This backend's pruner, started on the running loop if it was not yet."""
+        if self.pruner is None:
+            self.pruner = Pruner(self, interval=url_prune_interval(self.url), clock=clock)
+            self.pruner.start()
+        return self.pruner
+
+    async def stop_pruning(self) -> None:
+        if self.pruner is not None:
+            await self.pruner.stop()
 
     def later(self, cleanup: Coroutine[Any, Any, None]) -> None:
         """Run ``cleanup`` (giving back a lease or claims) in the background, within its
@@ -270,8 +289,12 @@ class Backend(abc.ABC):
         (row,) = await self._fetch("seen", scope=scope, event_id=event_id, seen_after=seen_after)
         return bool(row[0])
 
-    async def record_seen(self, *, scope: str, event_id: UUID, now: datetime) -> None:
-        await self._fetch("record_seen", scope=scope, event_id=event_id, now=now)
+    async def record_seen(
+        self, *, scope: str, event_id: UUID, now: datetime, seen_until: datetime | None = None
+    ) -> None:
+        await self._fetch(
+            "record_seen", scope=scope, event_id=event_id, now=now, seen_until=seen_until
+        )
 
     async def release(self, *, scope: str, event_id: UUID, owner: str) -> None:
         await self._fetch("release", scope=scope, event_id=event_id, owner=owner)

@@ -197,6 +197,7 @@ class PostgresBackend(Backend):
         self._background: set[asyncio.Task[None]] = set()
 
     async def dispose(self) -> None:
+        await self.stop_pruning()
         await self._settle_later()
         await self.notifications.close()
         await self.connections.close_idle()

@@ -220,6 +220,7 @@ class SqliteBackend(Backend):
         self._wakeups: Wakeups[tuple[str, UUID]] = Wakeups()
 
     async def dispose(self) -> None:
+        await self.stop_pruning()
         await self._settle_later()
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
@@ -448,7 +449,7 @@ def _complete_one(execute: Execute, request: CompleteRequest) -> list[str]:
     scope, event_id, now = request.scope, _encode(request.event_id), _encode(request.now)
     claim, owner = request.claim, request.lease_owner
     event = {"scope": scope, "event_id": event_id}
-    execute("record_seen", {**event, "now": now})
+    execute("record_seen", {**event, "now": now, "seen_until": _encode(request.seen_until)})
     if owner is not None:
         execute("release", {**event, "owner": owner})
     if request.is_follower:

@@ -23,7 +23,7 @@ It talks to the test through files:
 
 The next release is simulated with the seams of the backends: the same backend
 classes, built with that release's code revision ("0099") and the statements it
-changes (completion through ``complete_event_v2`` on PostgreSQL, the seen row with
+changes (completion through ``complete_event_v3`` on PostgreSQL, the seen row with
 its ``note`` on SQLite), made the shared backend of the URL before anything else
 asks for one.
 """
@@ -68,13 +68,15 @@ NOTE = "new"
 #: The statements the next release changes; the others are this release's.
 NEXT_QUERIES = {
     "postgresql": f"""
--- name: complete(scope, event_id, owner, now, claim_owner, claim_until, is_follower)
-SELECT released_event FROM complete_event_v2($1, $2, $3, $4, $5, $6, $7, '{NOTE}')
+-- name: complete(scope, event_id, owner, now, claim_owner, claim_until, is_follower, seen_until)
+SELECT released_event FROM complete_event_v3($1, $2, $3, $4, $5, $6, $7, $8, '{NOTE}')
 """,
     "sqlite": f"""
--- name: record_seen(scope, event_id, now)
-INSERT INTO ordering_seen_events (scope, event_id, seen_at, note) VALUES (?1, ?2, ?3, '{NOTE}')
-ON CONFLICT (scope, event_id) DO UPDATE SET seen_at = excluded.seen_at, note = excluded.note
+-- name: record_seen(scope, event_id, now, seen_until)
+INSERT INTO ordering_seen_events (scope, event_id, seen_at, expires_at, note)
+VALUES (?1, ?2, ?3, ?4, '{NOTE}')
+ON CONFLICT (scope, event_id) DO UPDATE
+SET seen_at = excluded.seen_at, expires_at = excluded.expires_at, note = excluded.note
 """,
 }
 

@@ -8,16 +8,16 @@
 SELECT already_seen, leader_seen, leader_in_flight
 FROM begin_event_v1($1, $2, $3, $4, $5, $6, $7, $8)
 
--- name: complete(scope, event_id, owner, now, claim_owner, claim_until, is_follower)
-SELECT released_event FROM complete_event_v1($1, $2, $3, $4, $5, $6, $7)
+-- name: complete(scope, event_id, owner, now, claim_owner, claim_until, is_follower, seen_until)
+SELECT released_event FROM complete_event_v2($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: begin_batch(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
 -- begin for many events: each parameter an array, one element per event.
 SELECT item, already_seen, leader_seen, leader_in_flight
 FROM begin_events_v2($1, $2, $3, $4, $5, $6, $7, $8)
 
--- name: complete_batch(scope, event_id, owner, now, claim_owner, claim_until, is_follower)
-SELECT item, released_event FROM complete_events_v2($1, $2, $3, $4, $5, $6, $7)
+-- name: complete_batch(scope, event_id, owner, now, claim_owner, claim_until, is_follower, seen_until)
+SELECT item, released_event FROM complete_events_v3($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: park(scope, event_id, leader_id, occurred, received, event, owner, seen_after)
 SELECT park_follower_v1($1, $2, $3, $4, $5, $6::jsonb, $7, $8)
@@ -53,9 +53,10 @@ WITH leases AS (
 )
 UPDATE waiting_followers SET claimed_until = $3 WHERE scope = $1 AND claimed_by = $2
 
--- name: record_seen(scope, event_id, now)
-INSERT INTO seen_events (scope, event_id, seen_at) VALUES ($1, $2, $3)
-ON CONFLICT (scope, event_id) DO UPDATE SET seen_at = excluded.seen_at
+-- name: record_seen(scope, event_id, now, seen_until)
+INSERT INTO seen_events (scope, event_id, seen_at, expires_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT (scope, event_id) DO UPDATE
+SET seen_at = excluded.seen_at, expires_at = excluded.expires_at
 
 -- Followers --------------------------------------------------------------------------
 
@@ -169,25 +170,43 @@ WHERE ($1::text IS NULL OR f.scope = $1)
 ORDER BY f.occurred, f.received, f.follower_id, f.scope
 LIMIT $6
 
--- name: count_prunable_seen(scope, seen_after)
-SELECT count(*) FROM seen_events WHERE ($1::text IS NULL OR scope = $1) AND seen_at <= $2
+-- name: count_prunable_seen(scope, now, seen_after)
+-- Rows past their own expiry, and rows without one (written by a release before
+-- revision 0006) seen at or before seen_after.
+SELECT count(*) FROM seen_events
+WHERE ($1::text IS NULL OR scope = $1)
+  AND (expires_at <= $2 OR (expires_at IS NULL AND seen_at <= $3))
 
 -- name: count_prunable_leases(scope, now)
 SELECT count(*) FROM processing_leases l
 WHERE ($1::text IS NULL OR l.scope = $1) AND {lease_expired(l, $2)}
 
--- name: prune_seen(scope, seen_after, batch_size)
--- One batch.  The victims are chosen once, in a materialized CTE (as an IN subquery
--- PostgreSQL may scan it again per row, picking new rows past the LIMIT); rows a
--- worker is refreshing right now are skipped, and the condition is checked again on
--- the row as it is when deleted, so a row refreshed meanwhile is kept.
+-- name: prune_expired_seen(scope, now, batch_size)
+-- One batch of rows past their own expiry.  The victims are chosen once, in a
+-- materialized CTE (as an IN subquery PostgreSQL may scan it again per row, picking
+-- new rows past the LIMIT); rows a worker is refreshing right now are skipped, and
+-- the condition is checked again on the row as it is when deleted, so a row
+-- refreshed meanwhile is kept.
 WITH victims AS MATERIALIZED (
     SELECT scope, event_id FROM seen_events
-    WHERE ($1::text IS NULL OR scope = $1) AND seen_at <= $2
+    WHERE ($1::text IS NULL OR scope = $1) AND expires_at <= $2
+    LIMIT $3 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM seen_events s USING victims v
+WHERE s.scope = v.scope AND s.event_id = v.event_id AND s.expires_at <= $2
+RETURNING s.event_id
+
+-- name: prune_seen(scope, seen_after, batch_size)
+-- One batch of rows without an expiry (written by a release before revision 0006),
+-- seen at or before seen_after; as prune_expired_seen otherwise.
+WITH victims AS MATERIALIZED (
+    SELECT scope, event_id FROM seen_events
+    WHERE ($1::text IS NULL OR scope = $1) AND seen_at <= $2 AND expires_at IS NULL
     LIMIT $3 FOR UPDATE SKIP LOCKED
 )
 DELETE FROM seen_events s USING victims v
 WHERE s.scope = v.scope AND s.event_id = v.event_id AND s.seen_at <= $2
+  AND s.expires_at IS NULL
 RETURNING s.event_id
 
 -- name: prune_leases(scope, now, batch_size)
@@ -199,6 +218,17 @@ WITH victims AS MATERIALIZED (
 DELETE FROM processing_leases l USING victims v
 WHERE l.scope = v.scope AND l.event_id = v.event_id AND {lease_expired(l, $2)}
 RETURNING l.event_id
+
+-- name: take_pruner_lease(scope, event_id, owner, now, expires_at)
+-- The pruner's turn: a lease row like an event's, so one process of all those on the
+-- database prunes per interval.  A row back: the turn is ours (taken, or ours already).
+INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (scope, event_id) DO UPDATE
+    SET owner = excluded.owner, acquired_at = excluded.acquired_at,
+        expires_at = excluded.expires_at
+    WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
+RETURNING 1
 
 -- name: waiting_extent(scope)
 -- When every follower waiting in the scope now will be lost: the latest received, and

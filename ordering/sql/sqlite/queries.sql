@@ -65,9 +65,10 @@ UPDATE ordering_processing_leases SET expires_at = ?3 WHERE scope = ?1 AND owner
 -- name: renew_claims(scope, owner, expires_at)
 UPDATE ordering_waiting_followers SET claimed_until = ?3 WHERE scope = ?1 AND claimed_by = ?2
 
--- name: record_seen(scope, event_id, now)
-INSERT INTO ordering_seen_events (scope, event_id, seen_at) VALUES (?1, ?2, ?3)
-ON CONFLICT (scope, event_id) DO UPDATE SET seen_at = excluded.seen_at
+-- name: record_seen(scope, event_id, now, seen_until)
+INSERT INTO ordering_seen_events (scope, event_id, seen_at, expires_at) VALUES (?1, ?2, ?3, ?4)
+ON CONFLICT (scope, event_id) DO UPDATE
+SET seen_at = excluded.seen_at, expires_at = excluded.expires_at
 
 -- Followers --------------------------------------------------------------------------
 
@@ -170,18 +171,29 @@ WHERE (?1 IS NULL OR f.scope = ?1)
 ORDER BY f.occurred, f.received, f.follower_id, f.scope
 LIMIT coalesce(?6, -1)
 
--- name: count_prunable_seen(scope, seen_after)
-SELECT count(*) FROM ordering_seen_events WHERE (?1 IS NULL OR scope = ?1) AND seen_at <= ?2
+-- name: count_prunable_seen(scope, now, seen_after)
+SELECT count(*) FROM ordering_seen_events
+WHERE (?1 IS NULL OR scope = ?1)
+  AND (expires_at <= ?2 OR (expires_at IS NULL AND seen_at <= ?3))
 
 -- name: count_prunable_leases(scope, now)
 SELECT count(*) FROM ordering_processing_leases l
 WHERE (?1 IS NULL OR l.scope = ?1) AND {lease_expired(l, ?2)}
 
--- name: prune_seen(scope, seen_after, batch_size)
--- One batch, under the database's write lock (SQLite has no row locks).
+-- name: prune_expired_seen(scope, now, batch_size)
+-- One batch of rows past their own expiry, under the database's write lock (SQLite
+-- has no row locks).
 DELETE FROM ordering_seen_events
 WHERE rowid IN (SELECT rowid FROM ordering_seen_events
-                WHERE (?1 IS NULL OR scope = ?1) AND seen_at <= ?2 LIMIT ?3)
+                WHERE (?1 IS NULL OR scope = ?1) AND expires_at <= ?2 LIMIT ?3)
+RETURNING event_id
+
+-- name: prune_seen(scope, seen_after, batch_size)
+-- One batch of rows without an expiry (written by a release before revision 0006).
+DELETE FROM ordering_seen_events
+WHERE rowid IN (SELECT rowid FROM ordering_seen_events
+                WHERE (?1 IS NULL OR scope = ?1) AND seen_at <= ?2 AND expires_at IS NULL
+                LIMIT ?3)
 RETURNING event_id
 
 -- name: prune_leases(scope, now, batch_size)
@@ -189,6 +201,14 @@ DELETE FROM ordering_processing_leases
 WHERE rowid IN (SELECT rowid FROM ordering_processing_leases l
                 WHERE (?1 IS NULL OR l.scope = ?1) AND {lease_expired(l, ?2)} LIMIT ?3)
 RETURNING event_id
+
+-- name: take_pruner_lease(scope, event_id, owner, now, expires_at)
+INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
+VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (scope, event_id) DO UPDATE
+SET owner = excluded.owner, acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
+WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
+RETURNING 1
 
 -- name: waiting_extent(scope)
 SELECT max(received), max(claimed_until), count(*) FROM ordering_waiting_followers

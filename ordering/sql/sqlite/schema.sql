@@ -1,14 +1,18 @@
 -- The store's objects on SQLite as this code expects them, written out whole (the
--- tables as the first migration created them).  The migrations build the same
+-- tables as the first migration created them, and as SQLite writes out a column
+-- added later).  The migrations build the same
 -- objects step by step; a test builds a database both ways and compares them.
 
 CREATE TABLE ordering_seen_events (
 	scope VARCHAR(200) NOT NULL, 
 	event_id CHAR(32) NOT NULL, 
-	seen_at DATETIME NOT NULL, 
+	seen_at DATETIME NOT NULL, expires_at DATETIME, 
 	CONSTRAINT pk_ordering_seen_events PRIMARY KEY (scope, event_id)
 );
 CREATE INDEX ix_ordering_seen_events_seen_at ON ordering_seen_events (seen_at);
+-- expires_at (revision 0006): when the row may go, its writer's seen_at +
+-- seen_expiration; NULL in rows written by earlier releases.
+CREATE INDEX ix_ordering_seen_events_expires_at ON ordering_seen_events (expires_at);
 
 CREATE TABLE ordering_processing_leases (
 	scope VARCHAR(200) NOT NULL, 

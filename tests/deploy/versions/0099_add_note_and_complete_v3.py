@@ -1,17 +1,17 @@
 """A later release's expand step, for the rolling-deploy test: additive only.
 
 Adds a nullable ``note`` column to the seen-events table and, on PostgreSQL,
-``complete_event_v2``: ``complete_event_v1`` with a last argument, ``p_note``, written
-to the seen row.  Nothing the code of revision 0005 uses changes, so
+``complete_event_v3``: ``complete_event_v2`` with a last argument, ``p_note``, written
+to the seen row.  Nothing the code of revision 0006 uses changes, so
 ``code_compatibility`` is left alone: workers of both releases run side by side on a
 database at this revision.
 
-The function body is a copy of ``complete_event_v1`` as revision 0003 defines it (its
+The function body is a copy of ``complete_event_v2`` as revision 0006 defines it (its
 rules written out), frozen here as a migration must be: a later change to
 schema.sql must not change what this revision builds.
 
 Revision ID: 0099
-Revises: 0005
+Revises: 0006
 """
 
 from collections.abc import Sequence
@@ -19,16 +19,17 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0099"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 SEEN_TABLE = {"postgresql": "seen_events", "sqlite": "ordering_seen_events"}
 
-COMPLETE_EVENT_V2 = """
-CREATE FUNCTION complete_event_v2(
+COMPLETE_EVENT_V3 = """
+CREATE FUNCTION complete_event_v3(
     p_scope text, p_event_id uuid, p_owner text, p_now timestamptz,
-    p_claim_owner text, p_claim_until timestamptz, p_is_follower boolean, p_note text
+    p_claim_owner text, p_claim_until timestamptz, p_is_follower boolean,
+    p_seen_until timestamptz, p_note text
 ) RETURNS TABLE (released_event text)
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -36,10 +37,11 @@ DECLARE
     waited boolean;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_scope || '/' || p_event_id::text, 0));
-    INSERT INTO seen_events AS s (scope, event_id, seen_at, note)
-    VALUES (p_scope, p_event_id, p_now, p_note)
+    INSERT INTO seen_events AS s (scope, event_id, seen_at, expires_at, note)
+    VALUES (p_scope, p_event_id, p_now, p_seen_until, p_note)
     ON CONFLICT (scope, event_id) DO UPDATE
-        SET seen_at = excluded.seen_at, note = excluded.note;
+        SET seen_at = excluded.seen_at, expires_at = excluded.expires_at,
+            note = excluded.note;
     DELETE FROM processing_leases l
     WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner
     RETURNING l.has_waiters INTO waited;
@@ -78,8 +80,9 @@ END
 $$
 """
 
-COMPLETE_EVENT_V2_SIGNATURE = (
-    "complete_event_v2(text, uuid, text, timestamptz, text, timestamptz, boolean, text)"
+COMPLETE_EVENT_V3_SIGNATURE = (
+    "complete_event_v3(text, uuid, text, timestamptz, text, timestamptz, boolean, "
+    "timestamptz, text)"
 )
 
 
@@ -88,11 +91,11 @@ def upgrade() -> None:
     # Nullable, no default: on PostgreSQL a change of the catalog only, no table rewrite.
     op.execute(f"ALTER TABLE {SEEN_TABLE[dialect]} ADD COLUMN note text")
     if dialect == "postgresql":
-        op.execute(COMPLETE_EVENT_V2)
+        op.execute(COMPLETE_EVENT_V3)
 
 
 def downgrade() -> None:
     dialect = op.get_context().dialect.name
     if dialect == "postgresql":
-        op.execute(f"DROP FUNCTION {COMPLETE_EVENT_V2_SIGNATURE}")
+        op.execute(f"DROP FUNCTION {COMPLETE_EVENT_V3_SIGNATURE}")
     op.execute(f"ALTER TABLE {SEEN_TABLE[dialect]} DROP COLUMN note")
