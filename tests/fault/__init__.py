@@ -12,4 +12,10 @@ CI runs small sizes.  A bigger run by hand multiplies the number of chains::
 ``ORDERING_FAULT_SEED`` picks the delivery order (the summary line prints the seed
 used), and ``ORDERING_FAULT_PG_RESTART=1`` enables the test that restarts the whole
 PostgreSQL cluster (it disturbs every database on the server, so it is opt-in).
+
+The previous release's workers beside this code's (test_previous_release.py), by hand,
+with this checkout's virtualenv active::
+
+    ORDERING_PREVIOUS_RELEASE_PYTHON="$(.ci/previous-release)" \
+        pytest tests/fault/test_previous_release.py -s
 """
