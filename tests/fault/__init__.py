@@ -14,4 +14,10 @@ used), and ``ORDERING_FAULT_PG_RESTART=1`` enables the test that restarts the wh
 PostgreSQL cluster (it disturbs every database on the server, so it is opt-in); the
 machine's Debian cluster, or the server that ``ORDERING_FAULT_PG_RESTART_COMMAND``
 restarts (``.ci/postgres-server restart PORT`` for a throwaway one).
+
+The previous release's workers beside this code's (test_previous_release.py), by hand,
+with this checkout's virtualenv active::
+
+    ORDERING_PREVIOUS_RELEASE_PYTHON="$(.ci/previous-release)" \
+        pytest tests/fault/test_previous_release.py -s
 """

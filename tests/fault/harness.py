@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -121,6 +121,10 @@ class Harness:
     #: worker index -> event id: that worker's handler fails the first time it gets it.
     fail_once: dict[int, UUID] = field(default_factory=dict)
     seed: int = SEED
+    #: worker index -> the Python that runs it (default: this one).  Another Python runs
+    #: the same worker module with the ``ordering`` package of its own installation: a
+    #: previous release's, say (tests/fault/test_previous_release.py).
+    pythons: dict[int, str] = field(default_factory=dict)
     scope: str = field(default_factory=lambda: f"fault-{uuid.uuid4().hex[:10]}")
 
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -132,9 +136,11 @@ class Harness:
 
     # -- set-up -------------------------------------------------------------------
 
-    def prepare(self, events: list[ReceivedEvent]) -> Workload:
-        """Migrate the database, create the handler's table and deal the queues."""
-        upgrade(self.url)
+    def prepare(self, events: list[ReceivedEvent], migrate: bool = True) -> Workload:
+        """Migrate the database (unless told not to), create the handler's table and
+        deal the queues."""
+        if migrate:
+            upgrade(self.url)
         run_sync(handled.create_table, self.url)
         self.workload = deliver(
             events,
@@ -146,16 +152,19 @@ class Harness:
         )
         return self.workload
 
-    def start(self) -> None:
+    def start(self, only: Collection[int] | None = None) -> None:
+        """Start the workers of the queues (of those numbered in ``only``)."""
         assert self.workload is not None, "prepare() the workload first"
         for index, queue in enumerate(self.workload.queues):
+            if only is not None and index not in only:
+                continue
             options: dict[str, object] = {
                 "--pause-before-confirm": self.pause.get(index),
                 "--fail-once-on": self.fail_once.get(index),
             }
             if self.blocking_workers is None or index in self.blocking_workers:
                 options.update(self._block_options())
-            self.start_worker(f"w{index}", queue, options)
+            self.start_worker(f"w{index}", queue, options, self.pythons.get(index))
 
     def _block_options(self) -> dict[str, object]:
         return {"--block-on": self.block_on, "--block-times": self.block_times}
@@ -165,6 +174,7 @@ class Harness:
         name: str,
         queue: list[ReceivedEvent],
         options: dict[str, object] | None = None,
+        python: str | None = None,
     ) -> None:
         queue_path = self.run_dir / f"{name}.queue.json"
         write_queue(queue_path, queue)
@@ -172,11 +182,13 @@ class Harness:
         for option, value in (options or {}).items():
             if value is not None:
                 extra += [option, str(value)]
-        self.processes[name] = self._spawn("run", name, extra)
+        self.processes[name] = self._spawn("run", name, extra, python)
 
-    def _spawn(self, mode: str, name: str, extra: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, mode: str, name: str, extra: list[str], python: str | None = None
+    ) -> subprocess.Popen[bytes]:
         command = [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "tests.fault.worker",
             mode,
@@ -193,7 +205,21 @@ class Harness:
             *extra,
         ]
         with (self.run_dir / f"{name}.out").open("wb") as out:
-            return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                command, cwd=self._cwd(python), stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def _cwd(self, python: str | None) -> Path:
+        """Where a worker starts: ``-m`` puts that directory first on the import path.
+        This checkout for this Python; for another, a directory holding only a link to
+        this checkout's tests, so that ``ordering`` comes from the other's installation."""
+        if python is None:
+            return REPO
+        tests_only = self.run_dir / "tests-only"
+        if not tests_only.exists():
+            tests_only.mkdir()
+            (tests_only / "tests").symlink_to(REPO / "tests", target_is_directory=True)
+        return tests_only
 
     # -- waiting ------------------------------------------------------------------
 

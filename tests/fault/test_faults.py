@@ -41,15 +41,6 @@ def pg_url() -> Iterator[str]:
     drop_postgres_database(url)
 
 
-@pytest.fixture
-def harnesses() -> Iterator[list[Harness]]:
-    """Every harness a test builds; its processes are killed whatever the outcome."""
-    made: list[Harness] = []
-    yield made
-    for harness in made:
-        harness.stop_all()
-
-
 def chains(count: int, length: int) -> list[ReceivedEvent]:
     return make_chains(count, length, utc_now(), random.Random(SEED))
 

@@ -23,6 +23,11 @@ The worker talks to the test through files in the run directory:
   stops after that event's seen check until the test writes ``<name>.resume``.
 * ``stop``: the test asks every worker to finish once its queue is empty.
 * ``<name>.result.json``: what the worker did, written when it exits.
+* ``<name>.library``: the file of the ``ordering`` package it imported, written at
+  the start.
+
+A previous release's ``ordering`` runs this module too (tests/fault/test_previous_release.py):
+it uses only what that release has.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import ordering as ordering_package
 from ordering import (
     CausalOrdering,
     EventArrivedEarly,
@@ -355,6 +361,7 @@ def offset_clock(seconds: float) -> Callable[[], datetime]:
 
 async def main_async(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
+    (run_dir / f"{args.name}.library").write_text(str(ordering_package.__file__))
     ordering = CausalOrdering(
         args.scope,
         url=args.url,
