@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
@@ -36,8 +36,10 @@ class BrokerHarness(Harness):
     #: Events whose handler fails the first time a process is delivered them.
     fail_first: list[UUID] = field(default_factory=list)
 
-    def start(self) -> None:
+    def start(self, only: Collection[int] | None = None) -> None:
         for index in range(self.workers):
+            if only is not None and index not in only:
+                continue
             name = f"c{index}"
             command = [
                 sys.executable,

@@ -16,7 +16,6 @@ with -s): ``pytest tests/failover -s``.  The asynchronous run is opt-in
 (``ORDERING_FAILOVER_ASYNC=1``) to keep the normal suite short.
 """
 
-# ruff: noqa: F811 (parameters named harnesses are the fault tests' fixture, imported)
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +36,6 @@ from tests.conftest import IN_CI
 from tests.fault import handled
 from tests.fault.checker import Report
 from tests.fault.harness import SEED, Harness, read_done, run_sync, scaled
-from tests.fault.test_faults import harnesses  # noqa: F401 (the fixture)
 from tests.fault.workload import make_chains
 
 from .cluster import Pair, Server, missing_prerequisites

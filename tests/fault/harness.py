@@ -211,15 +211,16 @@ class Harness:
 
     def _cwd(self, python: str | None) -> Path:
         """Where a worker starts: ``-m`` puts that directory first on the import path.
-        This checkout for this Python; for another, a directory holding only a link to
-        this checkout's tests, so that ``ordering`` comes from the other's installation."""
+        This checkout for this Python; for the previous release's (made by
+        .ci/previous-release: ``DIR/venv/bin/python`` beside ``DIR/tree``), that
+        release's own tree, so that its worker, written against its own ``ordering``,
+        runs on it."""
         if python is None:
             return REPO
-        tests_only = self.run_dir / "tests-only"
-        if not tests_only.exists():
-            tests_only.mkdir()
-            (tests_only / "tests").symlink_to(REPO / "tests", target_is_directory=True)
-        return tests_only
+        tree = Path(python).parent.parent.parent / "tree"  # not resolved: a venv link
+        if not (tree / "tests" / "fault" / "worker.py").is_file():
+            raise RuntimeError(f"{python} is not a previous release made by .ci/previous-release")
+        return tree
 
     # -- waiting ------------------------------------------------------------------
 
