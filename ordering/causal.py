@@ -44,7 +44,6 @@ from .constants import (
     SEEN_EXPIRATION,
 )
 from .engine import (
-    DEFAULT_DEADLINE,
     resolve_url,
     url_deadline,
     url_prune_interval,
@@ -243,18 +242,13 @@ class CausalOrdering(Generic[E]):
         #: The URL the backend is built for: ``url`` with the deadline written in, so
         #: that orderings with other deadlines get backends of their own.
         self._store_url = self.url
-        if deadline is None and not url_sets_deadline(self.url):
-            # A call must end well within the lease it holds: see docs/guarantees.md.
-            shorter = lease_duration / 3
-            if shorter < timedelta(seconds=DEFAULT_DEADLINE):
-                deadline = shorter
         if deadline is not None:
             self._store_url = with_deadline(self.url, deadline.total_seconds())
         #: How long any call of the store may take, all its attempts included, before it
         #: raises StoreUnavailable (``deadline=``, else the URL's ``?deadline=``, else
-        #: 10 seconds or a third of ``lease_duration``, whichever is shorter).
+        #: 10 seconds).  Keep it well below ``lease_duration``.
         self.deadline = timedelta(seconds=url_deadline(self._store_url))
-        if self.deadline >= lease_duration:
+        if self.deadline >= lease_duration and (deadline or url_sets_deadline(self.url)):
             raise ValueError(
                 f"deadline ({self.deadline}) must be shorter than lease_duration "
                 f"({lease_duration}): a call could outlast the lease it holds"

@@ -373,8 +373,6 @@ def test_the_deadline_comes_from_the_argument_else_the_url_else_ten_seconds() ->
     assert CausalOrdering("s", url=f"{base}?deadline=2.5").deadline == timedelta(seconds=2.5)
     chosen = CausalOrdering("s", url=f"{base}?deadline=2.5", deadline=timedelta(seconds=30))
     assert chosen.deadline == timedelta(seconds=30)
-    short_lease = CausalOrdering("s", url=base, lease_duration=timedelta(seconds=3))
-    assert short_lease.deadline == timedelta(seconds=1)  # a third of the lease
 
 
 def test_a_deadline_as_long_as_the_lease_is_refused() -> None:

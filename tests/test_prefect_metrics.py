@@ -188,7 +188,9 @@ def test_the_stores_metrics_are_on_prefects_own_api_metrics(db_url: str, tmp_pat
     assert _samples(
         text, "ordering_store_duration_seconds_bucket", operation="begin", le="0.0005"
     ), "no bucket for sub-millisecond operations"
-    assert _samples(text, "ordering_followers_waiting", **scope) == [1.0]
+    # The gauge shows its last periodic query (at most one per 15 s), which may have
+    # run before the leader released one of the two parked followers.
+    assert _samples(text, "ordering_followers_waiting", **scope) in ([1.0], [2.0])
     (age,) = _samples(text, "ordering_followers_oldest_age_seconds", **scope)
     assert 0 < age < 600
     # every ordering_ family served is named as metrics.Instrument.prometheus_name says
