@@ -13,6 +13,7 @@ import asyncio
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 from collections import Counter
 from multiprocessing.synchronize import Barrier
@@ -80,8 +81,12 @@ def _worker(
     """A worker process: the events, contended for with the others."""
     events = [ReceivedEvent.model_validate_json(text) for text in event_json]
     work = _contend(url, scope, events, barrier, report)
-    if parent_loop is not None:
+    if parent_loop is not None and sys.version_info < (3, 12):
         parent_loop.run_until_complete(work)  # the loop the parent made, inherited
+    elif parent_loop is not None:
+        # From Python 3.12 asyncio resets its own state in a forked child, and the
+        # parent's loop is not to be run there: a fresh one, beside the inherited one.
+        asyncio.run(work)
     elif loop_kind == "uvloop":
         import uvloop
 
@@ -177,7 +182,8 @@ def test_a_fork_after_the_parent_used_the_store_shares_nothing_with_it(
     db_url: str, scope: str
 ) -> None:
     """The parent handles events on a loop of its own, keeps that loop (and the
-    connections its pool holds) and forks; the children run the inherited loop.  They
+    connections its pool holds) and forks; the children run the inherited loop (on
+    Python 3.11; from 3.12 a loop of their own).  They
     hold each event one at a time, open connections of their own rather than use the
     parent's, and the parent's connections work afterwards."""
     clock = real_clock()
