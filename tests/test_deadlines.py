@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,13 @@ async def _assert_left_clean(
     seen, leases = await _seen_and_leases(url, scope, event)
     assert seen == 0, "a call that raised StoreUnavailable marked its event seen"
     for expires_at in leases:
-        expires = expires_at if not isinstance(expires_at, str) else None
-        if expires is not None:
-            assert expires <= ordering.clock() + ordering.lease_duration
+        # SQLite keeps times as UTC text (ordering/backends/sqlite.py)
+        expires = (
+            datetime.fromisoformat(expires_at).replace(tzinfo=UTC)
+            if isinstance(expires_at, str)
+            else expires_at
+        )
+        assert expires <= ordering.clock() + ordering.lease_duration
     clock = ordering.clock
     assert isinstance(clock, MutableClock)
     clock.advance(ordering.lease_duration)  # any lease left behind has expired
