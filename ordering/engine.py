@@ -72,17 +72,31 @@ DEADLINE_PARAMETER = "deadline"
 DEFAULT_DEADLINE = 10.0
 
 
-def _deadline_seconds(given: object) -> float:
+def _seconds(given: object) -> tuple[float, object]:
+    """A URL query value as seconds (nan when not a number), and the text given."""
     text = given[-1] if isinstance(given, tuple) else given
     try:
-        seconds = float(str(text))
+        return float(str(text)), text
     except ValueError:
-        seconds = float("nan")
+        return float("nan"), text
+
+
+def _deadline_seconds(given: object) -> float:
+    seconds, text = _seconds(given)
     if not 0 < seconds < float("inf"):
         raise ValueError(
             f"the URL's {DEADLINE_PARAMETER}= must be a positive number of seconds, not {text!r}"
         )
     return seconds
+
+
+def _with_seconds(url: str, name: str, seconds: float) -> str:
+    """The checked URL with its query parameter ``name`` set to ``seconds``."""
+    return (
+        make_url(url)
+        .update_query_dict({name: f"{seconds:g}"})
+        .render_as_string(hide_password=False)
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -102,11 +116,7 @@ def with_deadline(url: str, seconds: float) -> str:
     """The checked URL with its deadline set to ``seconds``."""
     if not 0 < seconds < float("inf"):
         raise ValueError(f"deadline must be a positive time, not {seconds} seconds")
-    return (
-        make_url(url)
-        .update_query_dict({DEADLINE_PARAMETER: f"{seconds:g}"})
-        .render_as_string(hide_password=False)
-    )
+    return _with_seconds(url, DEADLINE_PARAMETER, seconds)
 
 
 #: The URL query's name for the seconds between two rounds of the store's own pruning
@@ -116,11 +126,7 @@ DEFAULT_PRUNE_INTERVAL = 60.0
 
 
 def _prune_interval_seconds(given: object) -> float:
-    text = given[-1] if isinstance(given, tuple) else given
-    try:
-        seconds = float(str(text))
-    except ValueError:
-        seconds = float("nan")
+    seconds, text = _seconds(given)
     if not 0 <= seconds < float("inf"):
         raise ValueError(
             f"the URL's {PRUNE_INTERVAL_PARAMETER}= must be a number of seconds, 0 or more "
@@ -144,11 +150,7 @@ def with_prune_interval(url: str, seconds: float) -> str:
             f"prune_interval must be a time of 0 or more (0 turns pruning off), "
             f"not {seconds} seconds"
         )
-    return (
-        make_url(url)
-        .update_query_dict({PRUNE_INTERVAL_PARAMETER: f"{seconds:g}"})
-        .render_as_string(hide_password=False)
-    )
+    return _with_seconds(url, PRUNE_INTERVAL_PARAMETER, seconds)
 
 
 def _driver_url(url: str) -> URL:
