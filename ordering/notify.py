@@ -4,7 +4,9 @@
 A notification is only a hint.  Waiters keep polling at their poll interval as well,
 so a notification lost with a dropped connection costs one interval, never an event.
 Completion sends NOTIFY only for a lease that a waiter marked (``has_waiters``): NOTIFY
-serializes the commits that use it, and most events have nobody waiting.
+serializes the commits that use it, and most events have nobody waiting.  The channel
+and the payload (the event's key) come from ``ordering.sql``, which also writes them
+into the SQL that sends them.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
-logger = logging.getLogger(__name__)
+from .sql import SEEN_CHANNEL, event_key
 
-CHANNEL = "ordering_seen"
+logger = logging.getLogger(__name__)
 
 
 class Waiter:
@@ -104,7 +106,7 @@ class Notifications:
             try:
                 async with asyncio.timeout(self._timeout):
                     driver = await self._connect()
-                    await driver.add_listener(CHANNEL, self._notified)
+                    await driver.add_listener(SEEN_CHANNEL, self._notified)
             except Exception:
                 if driver is not None:
                     driver.terminate()
@@ -126,7 +128,7 @@ class Notifications:
         if not await self._listening():
             yield Waiter(None)
             return
-        with self._wakeups.registered(f"{scope}/{event_id}") as woken:
+        with self._wakeups.registered(event_key(scope, event_id)) as woken:
             yield Waiter(woken)
 
     async def _close_connection(self) -> None:

@@ -1,10 +1,14 @@
 """The store's SQL, kept in files beside this module: one folder per dialect.
 
 ``rules.sql``
-    The store's rules (seen, lease take-over, lost, ...), each an SQL expression with
+    The store's rules (seen, lease take-over, lost, ...), each an SQL fragment with
     named holes, written once per dialect.  Where a statement says
     ``{seen($1, $2, $3)}`` the loader writes the rule out in place, so the database
-    only ever sees plain SQL.
+    only ever sees plain SQL.  A rule's last parameter written ``*name`` takes the rest
+    of the call's text, commas included, and may be left empty.  Two rules come from
+    this module rather than the files: ``seen_channel()`` and ``key_separator()``, the
+    NOTIFY channel and the separator of its payload, which the listener
+    (``ordering/notify.py``) reads from here too.
 ``queries.sql``
     Every statement the store runs, under ``-- name: NAME(param, ...)`` headers; the
     parameters are numbered in the order the header lists them (``$n`` on
@@ -23,10 +27,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from uuid import UUID
 
 _HEADER = re.compile(r"^-- (name|rule): (\w+)\(([^)]*)\)\s*$", re.MULTILINE)
 _CALL = re.compile(r"\{(\w+)\(([^{}]*)\)\}")
 _HOLE = re.compile(r"\{(\w+)\}")
+
+#: The channel a completion NOTIFYs on when a follower waits for the event in flight,
+#: with the event's key as payload.
+SEEN_CHANNEL = "ordering_seen"
+#: What separates the scope from the event id in an event's key.
+KEY_SEPARATOR = "/"
+
+
+def event_key(scope: str, event_id: UUID) -> str:
+    """The event's key as the SQL rule ``event_key`` writes it: the NOTIFY payload."""
+    return f"{scope}{KEY_SEPARATOR}{event_id}"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +74,30 @@ class Query:
 class _Rule:
     params: tuple[str, ...]
     body: str
+    #: The last parameter takes the rest of the call's text (``*name`` in its header).
+    takes_rest: bool = False
+
+    @classmethod
+    def declared(cls, params: tuple[str, ...], body: str) -> _Rule:
+        if any(p.startswith("*") for p in params[:-1]):
+            raise ValueError(f"only a rule's last parameter may take the rest: {params}")
+        if params and params[-1].startswith("*"):
+            return cls((*params[:-1], params[-1][1:]), body, takes_rest=True)
+        return cls(params, body)
+
+    def arguments(self, name: str, text: str) -> list[str]:
+        """The call's arguments, one per parameter."""
+        if self.takes_rest:
+            head = _split_args(text, limit=len(self.params) - 1)
+            if len(head) == len(self.params) - 1:
+                return [*head, ""]
+            if len(head) == len(self.params):
+                return head
+        else:
+            args = _split_args(text)
+            if len(args) == len(self.params):
+                return args
+        raise TypeError(f"rule {name} takes {len(self.params)} arguments: {text!r}")
 
 
 def _sections(text: str) -> list[tuple[str, str, tuple[str, ...], str]]:
@@ -73,12 +117,15 @@ def _strip_comments(sql: str) -> str:
     return "\n".join(lines).strip()
 
 
-def _split_args(text: str) -> list[str]:
-    """Arguments of a rule call, split at commas outside parentheses."""
+def _split_args(text: str, limit: int | None = None) -> list[str]:
+    """Arguments of a rule call, split at commas outside parentheses; after ``limit``
+    arguments, the rest of the text is one more, commas and all."""
     args: list[str] = []
     current: list[str] = []
     depth = 0
-    for char in text:
+    for at, char in enumerate(text):
+        if len(args) == limit:
+            return [*args, text[at:].strip()]
         if char == "," and depth == 0:
             args.append("".join(current).strip())
             current = []
@@ -95,13 +142,11 @@ def expand(sql: str, rules: Mapping[str, _Rule]) -> str:
     """Write out every ``{rule(args)}`` in ``sql``, rules inside rules included."""
 
     def call(match: re.Match[str]) -> str:
-        name, args = match.group(1), _split_args(match.group(2))
+        name = match.group(1)
         rule = rules.get(name)
         if rule is None:
             raise KeyError(f"no rule named {name!r}")
-        if len(args) != len(rule.params):
-            raise TypeError(f"rule {name} takes {len(rule.params)} arguments, not {len(args)}")
-        bound = dict(zip(rule.params, args, strict=True))
+        bound = dict(zip(rule.params, rule.arguments(name, match.group(2)), strict=True))
         body = _HOLE.sub(lambda hole: bound[hole.group(1)], rule.body)
         return expand(body, rules)
 
@@ -118,9 +163,13 @@ def _read(dialect: str, filename: str) -> str:
 @functools.cache
 def rules(dialect: str) -> dict[str, _Rule]:
     return {
-        name: _Rule(params, body)
-        for kind, name, params, body in _sections(_read(dialect, "rules.sql"))
-        if kind == "rule"
+        "seen_channel": _Rule((), _literal(SEEN_CHANNEL)),
+        "key_separator": _Rule((), _literal(KEY_SEPARATOR)),
+        **{
+            name: _Rule.declared(params, body)
+            for kind, name, params, body in _sections(_read(dialect, "rules.sql"))
+            if kind == "rule"
+        },
     }
 
 

@@ -38,7 +38,7 @@ FROM unnest($1::text[], $2::uuid[], $3::timestamptz[])
 WHERE {seen(a.scope, a.event_id, a.seen_after)}
 
 -- name: release(scope, event_id, owner)
-DELETE FROM processing_leases WHERE scope = $1 AND event_id = $2 AND owner = $3
+DELETE FROM processing_leases l WHERE {held_by(l, $1, $2, $3)}
 
 -- name: mark_waiting(scope, leader_id, now)
 -- A follower waiting for this leader in flight asks to be notified when it completes.
@@ -132,9 +132,10 @@ SELECT oldest_code_revision FROM code_compatibility LIMIT 1
 -- Operators: status, listing, prune, replay --------------------------------------
 
 -- name: seen_counts(scope, seen_after)
-SELECT scope, count(*) FILTER (WHERE seen_at > $2), count(*) FILTER (WHERE seen_at <= $2)
-FROM seen_events WHERE $1::text IS NULL OR scope = $1
-GROUP BY scope
+SELECT s.scope, count(*) FILTER (WHERE {seen_since(s, $2)}),
+       count(*) FILTER (WHERE NOT ({seen_since(s, $2)}))
+FROM seen_events s WHERE $1::text IS NULL OR s.scope = $1
+GROUP BY s.scope
 
 -- name: lease_counts(scope, now)
 SELECT l.scope, count(*) FILTER (WHERE NOT {lease_expired(l, $2)}),
@@ -173,9 +174,9 @@ LIMIT $6
 -- name: count_prunable_seen(scope, now, seen_after)
 -- Rows past their own expiry, and rows without one (written by a release before
 -- revision 0006) seen at or before seen_after.
-SELECT count(*) FROM seen_events
-WHERE ($1::text IS NULL OR scope = $1)
-  AND (expires_at <= $2 OR (expires_at IS NULL AND seen_at <= $3))
+SELECT count(*) FROM seen_events s
+WHERE ($1::text IS NULL OR s.scope = $1)
+  AND ({past_expiry(s, $2)} OR {unseen_without_expiry(s, $3)})
 
 -- name: count_prunable_leases(scope, now)
 SELECT count(*) FROM processing_leases l
@@ -188,25 +189,24 @@ WHERE ($1::text IS NULL OR l.scope = $1) AND {lease_expired(l, $2)}
 -- the condition is checked again on the row as it is when deleted, so a row
 -- refreshed meanwhile is kept.
 WITH victims AS MATERIALIZED (
-    SELECT scope, event_id FROM seen_events
-    WHERE ($1::text IS NULL OR scope = $1) AND expires_at <= $2
+    SELECT s.scope, s.event_id FROM seen_events s
+    WHERE ($1::text IS NULL OR s.scope = $1) AND {past_expiry(s, $2)}
     LIMIT $3 FOR UPDATE SKIP LOCKED
 )
 DELETE FROM seen_events s USING victims v
-WHERE s.scope = v.scope AND s.event_id = v.event_id AND s.expires_at <= $2
+WHERE s.scope = v.scope AND s.event_id = v.event_id AND {past_expiry(s, $2)}
 RETURNING s.event_id
 
 -- name: prune_seen(scope, seen_after, batch_size)
 -- One batch of rows without an expiry (written by a release before revision 0006),
 -- seen at or before seen_after; as prune_expired_seen otherwise.
 WITH victims AS MATERIALIZED (
-    SELECT scope, event_id FROM seen_events
-    WHERE ($1::text IS NULL OR scope = $1) AND seen_at <= $2 AND expires_at IS NULL
+    SELECT s.scope, s.event_id FROM seen_events s
+    WHERE ($1::text IS NULL OR s.scope = $1) AND {unseen_without_expiry(s, $2)}
     LIMIT $3 FOR UPDATE SKIP LOCKED
 )
 DELETE FROM seen_events s USING victims v
-WHERE s.scope = v.scope AND s.event_id = v.event_id AND s.seen_at <= $2
-  AND s.expires_at IS NULL
+WHERE s.scope = v.scope AND s.event_id = v.event_id AND {unseen_without_expiry(s, $2)}
 RETURNING s.event_id
 
 -- name: prune_leases(scope, now, batch_size)
@@ -224,10 +224,7 @@ RETURNING l.event_id
 -- database prunes per interval.  A row back: the turn is ours (taken, or ours already).
 INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
 VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (scope, event_id) DO UPDATE
-    SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-        expires_at = excluded.expires_at
-    WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
+{take_over_lease()}
 RETURNING 1
 
 -- name: waiting_extent(scope)

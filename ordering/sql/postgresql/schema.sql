@@ -77,10 +77,7 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
     VALUES (p_scope, p_event_id, p_owner, p_now, p_expires_at)
-    ON CONFLICT (scope, event_id) DO UPDATE
-        SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-            expires_at = excluded.expires_at, has_waiters = false
-        WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)};
+    {take_over_lease(, has_waiters = false)};
     IF NOT FOUND THEN
         RETURN;
     END IF;
@@ -89,7 +86,7 @@ BEGIN
     -- one transaction) is seen here, so a redelivery is never handled a second time.
     IF p_refuse_seen AND {seen(p_scope, p_event_id, p_seen_after)} THEN
         DELETE FROM processing_leases l
-        WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner;
+        WHERE {held_by(l, p_scope, p_event_id, p_owner)};
         RETURN QUERY SELECT true, false, false;
         RETURN;
     END IF;
@@ -118,22 +115,22 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     waited boolean;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_scope || '/' || p_leader_id::text, 0));
+    PERFORM pg_advisory_xact_lock({event_lock(p_scope, p_leader_id)});
     IF {seen(p_scope, p_leader_id, p_seen_after)} THEN
         -- The leader is seen: go ahead, unless our lease is gone, which means an
         -- earlier attempt of this very call parked (and its reply was lost).
         RETURN p_owner IS NOT NULL AND NOT EXISTS (
             SELECT 1 FROM processing_leases l
-            WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner);
+            WHERE {held_by(l, p_scope, p_event_id, p_owner)});
     END IF;
     INSERT INTO waiting_followers (scope, follower_id, leader_id, occurred, received, event)
     VALUES (p_scope, p_event_id, p_leader_id, p_occurred, p_received, p_event)
     ON CONFLICT (scope, follower_id) DO NOTHING;
     DELETE FROM processing_leases l
-    WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner
+    WHERE {held_by(l, p_scope, p_event_id, p_owner)}
     RETURNING l.has_waiters INTO waited;
     IF waited THEN
-        PERFORM pg_notify('ordering_seen', p_scope || '/' || p_event_id::text);
+        PERFORM {seen_notify(p_scope, p_event_id)};
     END IF;
     RETURN true;
 END
@@ -151,17 +148,17 @@ DECLARE
     claimed record;
     waited boolean;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_scope || '/' || p_event_id::text, 0));
+    PERFORM pg_advisory_xact_lock({event_lock(p_scope, p_event_id)});
     INSERT INTO seen_events AS s (scope, event_id, seen_at)
     VALUES (p_scope, p_event_id, p_now)
     ON CONFLICT (scope, event_id) DO UPDATE SET seen_at = excluded.seen_at;
     DELETE FROM processing_leases l
-    WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner
+    WHERE {held_by(l, p_scope, p_event_id, p_owner)}
     RETURNING l.has_waiters INTO waited;
     -- Only followers waiting for this event in flight pay for NOTIFY, which
     -- serializes the commits that use it.
     IF waited THEN
-        PERFORM pg_notify('ordering_seen', p_scope || '/' || p_event_id::text);
+        PERFORM {seen_notify(p_scope, p_event_id)};
     END IF;
     IF p_is_follower THEN  -- only an event that follows another can have parked
         DELETE FROM waiting_followers f WHERE f.scope = p_scope AND f.follower_id = p_event_id;
@@ -178,10 +175,7 @@ BEGIN
     LOOP
         INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
         VALUES (p_scope, claimed.follower_id, p_claim_owner, p_now, p_claim_until)
-        ON CONFLICT (scope, event_id) DO UPDATE
-            SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-                expires_at = excluded.expires_at
-            WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)};
+        {take_over_lease()};
         IF FOUND THEN
             released_event := claimed.event::text;
             RETURN NEXT;
@@ -264,10 +258,7 @@ BEGIN
         INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
         SELECT a.scope, a.event_id, a.owner, a.now, a.expires_at FROM asked a
         ORDER BY a.scope, a.event_id
-        ON CONFLICT (scope, event_id) DO UPDATE
-            SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-                expires_at = excluded.expires_at, has_waiters = false
-            WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
+        {take_over_lease(, has_waiters = false)}
         RETURNING l.scope, l.event_id, l.owner
     )
     SELECT array_agg(a.item) INTO taken
@@ -282,7 +273,7 @@ BEGIN
               WITH ORDINALITY AS a(scope, event_id, owner, seen_after, refuse_seen, item)
         WHERE a.item = ANY (taken) AND a.refuse_seen
           AND {seen(a.scope, a.event_id, a.seen_after)}
-          AND l.scope = a.scope AND l.event_id = a.event_id AND l.owner = a.owner
+          AND {held_by(l, a.scope, a.event_id, a.owner)}
         RETURNING a.item
     )
     SELECT coalesce(array_agg(r.item), '{}') INTO seen_already FROM refused r;
@@ -316,7 +307,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM pg_advisory_xact_lock(k.key)
-    FROM (SELECT DISTINCT hashtextextended(a.scope || '/' || a.event_id::text, 0) AS key
+    FROM (SELECT DISTINCT {event_lock(a.scope, a.event_id)} AS key
           FROM unnest(p_scope, p_event_id) AS a(scope, event_id)
           ORDER BY 1) AS k;
     -- An event twice in one batch is seen at its last copy's time.
@@ -330,10 +321,10 @@ BEGIN
     WITH released AS (
         DELETE FROM processing_leases l
         USING unnest(p_scope, p_event_id, p_owner) AS a(scope, event_id, owner)
-        WHERE l.scope = a.scope AND l.event_id = a.event_id AND l.owner = a.owner
+        WHERE {held_by(l, a.scope, a.event_id, a.owner)}
         RETURNING l.scope, l.event_id, l.has_waiters
     )
-    SELECT count(pg_notify('ordering_seen', r.scope || '/' || r.event_id::text))
+    SELECT count({seen_notify(r.scope, r.event_id)})
     INTO notified FROM released r WHERE r.has_waiters;
     DELETE FROM waiting_followers f
     USING unnest(p_scope, p_event_id, p_is_follower) AS a(scope, event_id, is_follower)
@@ -351,10 +342,7 @@ BEGIN
         INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
         VALUES (p_scope[claimed.item], claimed.follower_id, claimed.claim_owner, claimed.now,
                 claimed.claim_until)
-        ON CONFLICT (scope, event_id) DO UPDATE
-            SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-                expires_at = excluded.expires_at
-            WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)};
+        {take_over_lease()};
         IF FOUND THEN
             item := claimed.item;
             released_event := claimed.event::text;
@@ -381,18 +369,18 @@ DECLARE
     claimed record;
     waited boolean;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_scope || '/' || p_event_id::text, 0));
+    PERFORM pg_advisory_xact_lock({event_lock(p_scope, p_event_id)});
     INSERT INTO seen_events AS s (scope, event_id, seen_at, expires_at)
     VALUES (p_scope, p_event_id, p_now, p_seen_until)
     ON CONFLICT (scope, event_id) DO UPDATE
         SET seen_at = excluded.seen_at, expires_at = excluded.expires_at;
     DELETE FROM processing_leases l
-    WHERE l.scope = p_scope AND l.event_id = p_event_id AND l.owner = p_owner
+    WHERE {held_by(l, p_scope, p_event_id, p_owner)}
     RETURNING l.has_waiters INTO waited;
     -- Only followers waiting for this event in flight pay for NOTIFY, which
     -- serializes the commits that use it.
     IF waited THEN
-        PERFORM pg_notify('ordering_seen', p_scope || '/' || p_event_id::text);
+        PERFORM {seen_notify(p_scope, p_event_id)};
     END IF;
     IF p_is_follower THEN  -- only an event that follows another can have parked
         DELETE FROM waiting_followers f WHERE f.scope = p_scope AND f.follower_id = p_event_id;
@@ -409,10 +397,7 @@ BEGIN
     LOOP
         INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
         VALUES (p_scope, claimed.follower_id, p_claim_owner, p_now, p_claim_until)
-        ON CONFLICT (scope, event_id) DO UPDATE
-            SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-                expires_at = excluded.expires_at
-            WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)};
+        {take_over_lease()};
         IF FOUND THEN
             released_event := claimed.event::text;
             RETURN NEXT;
@@ -444,7 +429,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM pg_advisory_xact_lock(k.key)
-    FROM (SELECT DISTINCT hashtextextended(a.scope || '/' || a.event_id::text, 0) AS key
+    FROM (SELECT DISTINCT {event_lock(a.scope, a.event_id)} AS key
           FROM unnest(p_scope, p_event_id) AS a(scope, event_id)
           ORDER BY 1) AS k;
     -- An event twice in one batch is seen at its last copy's time.
@@ -460,10 +445,10 @@ BEGIN
     WITH released AS (
         DELETE FROM processing_leases l
         USING unnest(p_scope, p_event_id, p_owner) AS a(scope, event_id, owner)
-        WHERE l.scope = a.scope AND l.event_id = a.event_id AND l.owner = a.owner
+        WHERE {held_by(l, a.scope, a.event_id, a.owner)}
         RETURNING l.scope, l.event_id, l.has_waiters
     )
-    SELECT count(pg_notify('ordering_seen', r.scope || '/' || r.event_id::text))
+    SELECT count({seen_notify(r.scope, r.event_id)})
     INTO notified FROM released r WHERE r.has_waiters;
     DELETE FROM waiting_followers f
     USING unnest(p_scope, p_event_id, p_is_follower) AS a(scope, event_id, is_follower)
@@ -481,10 +466,7 @@ BEGIN
         INSERT INTO processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
         VALUES (p_scope[claimed.item], claimed.follower_id, claimed.claim_owner, claimed.now,
                 claimed.claim_until)
-        ON CONFLICT (scope, event_id) DO UPDATE
-            SET owner = excluded.owner, acquired_at = excluded.acquired_at,
-                expires_at = excluded.expires_at
-            WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)};
+        {take_over_lease()};
         IF FOUND THEN
             item := claimed.item;
             released_event := claimed.event::text;

@@ -14,10 +14,7 @@
 INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
 SELECT ?1, ?2, ?4, ?5, ?6
 WHERE NOT (?8 AND {seen(?1, ?2, ?7)})
-ON CONFLICT (scope, event_id) DO UPDATE
-SET owner = excluded.owner, acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
-    has_waiters = 0
-WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
+{take_over_lease(, has_waiters = 0)}
 RETURNING {seen(?1, ?3, ?7)}, {in_flight(?1, ?3, ?5)}
 
 -- name: claim(scope, event_id, now, claim_owner, claim_until)
@@ -40,8 +37,8 @@ SET owner = excluded.owner, acquired_at = excluded.acquired_at, expires_at = exc
 -- name: still_leased(scope, event_id, owner)
 -- park's check when the leader turned out seen: if our lease is gone, an earlier
 -- attempt of this very park committed (its reply was lost) and the event is parked.
-SELECT ?3 IS NULL OR EXISTS (SELECT 1 FROM ordering_processing_leases
-                             WHERE scope = ?1 AND event_id = ?2 AND owner = ?3)
+SELECT ?3 IS NULL OR EXISTS (SELECT 1 FROM ordering_processing_leases l
+                             WHERE {held_by(l, ?1, ?2, ?3)})
 
 -- Leases and leaders ---------------------------------------------------------------
 
@@ -52,7 +49,7 @@ SELECT {seen(?1, ?2, ?4)}, {in_flight(?1, ?2, ?3)}
 SELECT {seen(?1, ?2, ?3)}
 
 -- name: release(scope, event_id, owner)
-DELETE FROM ordering_processing_leases WHERE scope = ?1 AND event_id = ?2 AND owner = ?3
+DELETE FROM ordering_processing_leases AS l WHERE {held_by(l, ?1, ?2, ?3)}
 
 -- name: mark_waiting(scope, leader_id, now)
 UPDATE ordering_processing_leases AS l SET has_waiters = 1
@@ -131,9 +128,10 @@ SELECT oldest_code_revision FROM ordering_code_compatibility LIMIT 1
 -- Operators: status, listing, prune, replay --------------------------------------
 
 -- name: seen_counts(scope, seen_after)
-SELECT scope, count(*) FILTER (WHERE seen_at > ?2), count(*) FILTER (WHERE seen_at <= ?2)
-FROM ordering_seen_events WHERE ?1 IS NULL OR scope = ?1
-GROUP BY scope
+SELECT s.scope, count(*) FILTER (WHERE {seen_since(s, ?2)}),
+       count(*) FILTER (WHERE NOT ({seen_since(s, ?2)}))
+FROM ordering_seen_events s WHERE ?1 IS NULL OR s.scope = ?1
+GROUP BY s.scope
 
 -- name: lease_counts(scope, now)
 SELECT l.scope, count(*) FILTER (WHERE NOT {lease_expired(l, ?2)}),
@@ -172,9 +170,9 @@ ORDER BY f.occurred, f.received, f.follower_id, f.scope
 LIMIT coalesce(?6, -1)
 
 -- name: count_prunable_seen(scope, now, seen_after)
-SELECT count(*) FROM ordering_seen_events
-WHERE (?1 IS NULL OR scope = ?1)
-  AND (expires_at <= ?2 OR (expires_at IS NULL AND seen_at <= ?3))
+SELECT count(*) FROM ordering_seen_events s
+WHERE (?1 IS NULL OR s.scope = ?1)
+  AND ({past_expiry(s, ?2)} OR {unseen_without_expiry(s, ?3)})
 
 -- name: count_prunable_leases(scope, now)
 SELECT count(*) FROM ordering_processing_leases l
@@ -184,15 +182,15 @@ WHERE (?1 IS NULL OR l.scope = ?1) AND {lease_expired(l, ?2)}
 -- One batch of rows past their own expiry, under the database's write lock (SQLite
 -- has no row locks).
 DELETE FROM ordering_seen_events
-WHERE rowid IN (SELECT rowid FROM ordering_seen_events
-                WHERE (?1 IS NULL OR scope = ?1) AND expires_at <= ?2 LIMIT ?3)
+WHERE rowid IN (SELECT rowid FROM ordering_seen_events s
+                WHERE (?1 IS NULL OR s.scope = ?1) AND {past_expiry(s, ?2)} LIMIT ?3)
 RETURNING event_id
 
 -- name: prune_seen(scope, seen_after, batch_size)
 -- One batch of rows without an expiry (written by a release before revision 0006).
 DELETE FROM ordering_seen_events
-WHERE rowid IN (SELECT rowid FROM ordering_seen_events
-                WHERE (?1 IS NULL OR scope = ?1) AND seen_at <= ?2 AND expires_at IS NULL
+WHERE rowid IN (SELECT rowid FROM ordering_seen_events s
+                WHERE (?1 IS NULL OR s.scope = ?1) AND {unseen_without_expiry(s, ?2)}
                 LIMIT ?3)
 RETURNING event_id
 
@@ -205,9 +203,7 @@ RETURNING event_id
 -- name: take_pruner_lease(scope, event_id, owner, now, expires_at)
 INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
 VALUES (?1, ?2, ?3, ?4, ?5)
-ON CONFLICT (scope, event_id) DO UPDATE
-SET owner = excluded.owner, acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
-WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
+{take_over_lease()}
 RETURNING 1
 
 -- name: waiting_extent(scope)

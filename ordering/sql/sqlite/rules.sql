@@ -4,13 +4,30 @@
 
 -- rule: seen(scope, event_id, seen_after)
 EXISTS (SELECT 1 FROM ordering_seen_events s
-        WHERE s.scope = {scope} AND s.event_id = {event_id} AND s.seen_at > {seen_after})
+        WHERE s.scope = {scope} AND s.event_id = {event_id} AND {seen_since(s, {seen_after})})
+
+-- rule: seen_since(row, seen_after)
+{row}.seen_at > {seen_after}
+
+-- rule: past_expiry(row, now)
+{row}.expires_at <= {now}
+
+-- rule: unseen_without_expiry(row, seen_after)
+({row}.expires_at IS NULL AND NOT ({seen_since({row}, {seen_after})}))
 
 -- rule: lease_expired(lease, at)
 ({lease}.expires_at <= {at})
 
 -- rule: may_take_lease(lease, owner, at)
 ({lease_expired({lease}, {at})} OR {lease}.owner = {owner})
+
+-- rule: take_over_lease(*also_set)
+ON CONFLICT (scope, event_id) DO UPDATE
+SET owner = excluded.owner, acquired_at = excluded.acquired_at, expires_at = excluded.expires_at{also_set}
+WHERE {may_take_lease(l, excluded.owner, excluded.acquired_at)}
+
+-- rule: held_by(lease, scope, event_id, owner)
+{lease}.scope = {scope} AND {lease}.event_id = {event_id} AND {lease}.owner = {owner}
 
 -- rule: in_flight(scope, event_id, now)
 EXISTS (SELECT 1 FROM ordering_processing_leases p
