@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from .engine import engine_for, resolve_url
 from .schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
+from .sql import statements
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -29,21 +30,10 @@ def migrations_dir() -> Path:
 
 def snapshot(revision: str, dialect: str) -> list[str]:
     """The statements of ``snapshots/<revision>_<dialect>.sql`` in the migrations: what
-    a revision creates, written out whole, for its migration to run one by one.
-    Comments between statements are skipped; a ``$$`` body is kept whole."""
-    text = (migrations_dir() / "snapshots" / f"{revision}_{dialect}.sql").read_text("utf-8")
-    found: list[str] = []
-    current: list[str] = []
-    in_body = False
-    for line in text.splitlines():
-        if line.startswith("--") and not in_body:
-            continue
-        current.append(line)
-        in_body ^= line.count("$$") % 2 == 1
-        if not in_body and line.rstrip().endswith(";"):
-            found.append("\n".join(current).strip().removesuffix(";"))
-            current = []
-    return found
+    a revision creates, written out whole, for its migration to run one by one."""
+    return statements(
+        (migrations_dir() / "snapshots" / f"{revision}_{dialect}.sql").read_text("utf-8")
+    )
 
 
 def alembic_config(

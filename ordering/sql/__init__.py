@@ -195,8 +195,9 @@ def schema(dialect: str) -> str:
 
 
 def statements(script: str) -> list[str]:
-    """A schema script split into statements (at semicolons that end a line outside
-    a dollar-quoted function body)."""
+    """A script split into statements, at semicolons that end a line outside a
+    dollar-quoted function body; comment lines between statements are left out.  Used
+    for schema.sql and for the migrations' snapshots."""
     found: list[str] = []
     current: list[str] = []
     in_body = False
