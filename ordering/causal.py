@@ -42,6 +42,7 @@ from .constants import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
+    lookback_cutoff,
 )
 from .engine import (
     resolve_url,
@@ -513,7 +514,7 @@ class CausalOrdering(Generic[E]):
         now = self._now()
         rows = await self.backend.take_lost_followers(
             scope=self.scope,
-            cutoff=now - self.preceding_event_lookback,
+            cutoff=lookback_cutoff(now, self.preceding_event_lookback),
             now=now,
             owner=_new_owner(),
             hold_until=now + self.lease_duration,
@@ -530,8 +531,9 @@ class CausalOrdering(Generic[E]):
         """The leader this event must wait for, or None if it may go now."""
         if event.follows is None or not is_follower(event):
             return None
-        # Too old for our bookkeeping of its leader to be trusted: send it.
-        if now - event.received >= self.preceding_event_lookback:
+        # Too old for our bookkeeping of its leader to be trusted: send it.  The event is
+        # not stored yet, so this is judged here, by the same cutoff as the lost rule's.
+        if event.received <= lookback_cutoff(now, self.preceding_event_lookback):
             return None
         return event.follows
 

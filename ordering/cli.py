@@ -220,7 +220,7 @@ def followers_table(followers: Sequence[admin.WaitingFollower], now: datetime) -
     table = _table(FOLLOWER_HEADERS, right={"waiting"})
     for f in followers:
         state = f.state(now)
-        if f.is_lost(now):
+        if f.lost:
             state += ", lost (get_lost_followers would hand it out)"
         if f.claimed_by is not None and f.claimed_until is not None:
             state += f" by {f.claimed_by} until {_time(f.claimed_until)}"

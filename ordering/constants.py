@@ -1,9 +1,16 @@
 """The figures that shape causal ordering; the same as Prefect's, so behaviour matches."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 #: How long a follower waits for its leader before it is handed out as lost.
 PRECEDING_EVENT_LOOKBACK = timedelta(minutes=15)
+
+
+def lookback_cutoff(now: datetime, lookback: timedelta = PRECEDING_EVENT_LOOKBACK) -> datetime:
+    """The cutoff the lost rule (``lost`` in ordering/sql/<dialect>/rules.sql) takes at
+    ``now``: a follower received at or before it has waited out the lookback."""
+    return now - lookback
+
 
 #: How long a processed event is remembered, to avoid processing it twice.
 PROCESSED_EVENT_LOOKBACK = timedelta(minutes=30)

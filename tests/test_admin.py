@@ -419,6 +419,39 @@ async def test_flush_lost_writes_orphans_and_cycles_once(db_url: str, scope: str
         await CausalOrdering(scope, url=db_url).clear()
 
 
+@pytest.mark.parametrize("claim_for", [timedelta(minutes=1), timedelta(minutes=20)])
+async def test_flush_lost_waits_out_the_lookback_and_every_claim(
+    db_url: str, scope: str, claim_for: timedelta
+) -> None:
+    """The flush comes once every follower has waited out the lookback (a follower
+    handed out earlier, from an ended claim, would park again when delivered) and
+    every claim has ended.  The time shows as the flushed event's seen_at."""
+    clock = MutableClock(datetime(2026, 1, 5, 9, 0, tzinfo=UTC))
+    claimed = make_event(clock, name="claimed", follows=uuid4())
+    claim_end = clock() + claim_for
+    written: list[ReceivedEvent] = []
+    try:
+        await admin.replay(lines([claimed]), written.append, url=db_url, scope=scope)
+        await run_sql(
+            db_url,
+            "UPDATE {waiting_followers} SET claimed_by = 'stopped', claimed_until = :until"
+            " WHERE scope = :scope AND follower_id = :id",
+            {"until": claim_end, "scope": scope, "id": claimed.id},
+        )
+        flushed = await admin.replay([], written.append, url=db_url, scope=scope, flush_lost=True)
+        assert (flushed.flushed, flushed.waiting) == (1, 0)
+        assert written == [claimed]
+        seen_at = max(claimed.received + PRECEDING_EVENT_LOOKBACK, claim_end)
+        seen_then = await sql_value(
+            db_url,
+            "SELECT count(*) FROM {seen_events} WHERE scope = :scope AND seen_at = :at",
+            {"scope": scope, "at": seen_at},
+        )
+        assert seen_then == 1
+    finally:
+        await CausalOrdering(scope, url=db_url).clear()
+
+
 async def test_replay_skips_bad_lines_and_reports_them(db_url: str, scope: str) -> None:
     clock = MutableClock(datetime(2026, 1, 5, 9, 0, tzinfo=UTC))
     good = make_event(clock)

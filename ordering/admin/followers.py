@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from ..constants import PRECEDING_EVENT_LOOKBACK
+from ..constants import PRECEDING_EVENT_LOOKBACK, lookback_cutoff
 from ..events import as_uuid
 from ..models import utc_now
 from .database import aware, open_backend
@@ -16,8 +16,9 @@ from .database import aware, open_backend
 
 @dataclass(frozen=True)
 class WaitingFollower:
-    """One waiting follower.  ``lost`` is the store's own lost rule, judged by the
-    database at the time and lookback the listing was asked for."""
+    """One waiting follower.  ``lost``: whether ``get_lost_followers()`` would hand it
+    out, judged by the database with the store's lost rule at the time and lookback
+    the listing was asked for."""
 
     scope: str
     follower_id: UUID
@@ -27,7 +28,7 @@ class WaitingFollower:
     claimed_by: str | None
     claimed_until: datetime | None
     event: dict[str, Any]
-    lost: bool = False
+    lost: bool
 
     @property
     def event_name(self) -> str | None:
@@ -39,13 +40,7 @@ class WaitingFollower:
             return "waiting"
         return "claimed" if self.claimed_until > now else "claim expired"
 
-    def is_lost(self, now: datetime | None = None, lookback: timedelta | None = None) -> bool:
-        """Whether ``get_lost_followers()`` would hand it out (as of the listing)."""
-        return self.lost
-
-    def to_json(
-        self, now: datetime, lookback: timedelta = PRECEDING_EVENT_LOOKBACK
-    ) -> dict[str, Any]:
+    def to_json(self, now: datetime) -> dict[str, Any]:
         return {
             "scope": self.scope,
             "follower_id": str(self.follower_id),
@@ -85,7 +80,7 @@ async def list_followers(
         scope=scope,
         leader_id=leader_id,
         lost_only=lost,
-        cutoff=now - lookback,
+        cutoff=lookback_cutoff(now, lookback),
         now=now,
         row_limit=limit,
         types=(str, UUID, UUID, datetime, datetime, str, datetime, str, bool),

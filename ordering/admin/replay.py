@@ -184,7 +184,7 @@ async def replay(
             await deliver(parsed, number)
 
         if flush_lost:
-            flush_at = await _when_all_are_lost(backend, scope, ordering.preceding_event_lookback)
+            flush_at = await _flush_time(backend, scope, ordering.preceding_event_lookback)
             if flush_at is not None:
                 clock.now = max(flush_at, clock.now) if clock.now else flush_at
                 lost = await ordering.get_lost_followers()
@@ -195,18 +195,19 @@ async def replay(
     return report
 
 
-async def _when_all_are_lost(backend: Backend, scope: str, lookback: timedelta) -> datetime | None:
-    """The earliest time at which ``get_lost_followers`` hands out every follower that
-    waits in the scope now (past the lookback, or their claim expired); None if none."""
+async def _flush_time(backend: Backend, scope: str, lookback: timedelta) -> datetime | None:
+    """When to flush: once every follower waiting in the scope now has waited out the
+    lookback and every claim on one has ended; None if none waits.  Which followers
+    are handed out is the database's lost rule, through ``get_lost_followers``; this is
+    a later time than that rule needs for a claimed follower, so that a follower
+    handed out is past the lookback when delivered, and goes rather than parks again."""
     ((latest_received, latest_claim, _),) = await backend.query(
         "waiting_extent", scope=scope, types=(datetime, datetime, int)
     )
     if latest_received is None:
         return None
-    candidates: list[datetime] = [latest_received + lookback]
-    if latest_claim is not None:
-        candidates.append(latest_claim)
-    return max(candidates)
+    waited_out: datetime = latest_received + lookback
+    return waited_out if latest_claim is None else max(waited_out, latest_claim)
 
 
 async def _count_waiting(backend: Backend, scope: str) -> int:

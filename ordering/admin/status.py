@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from ..constants import PRECEDING_EVENT_LOOKBACK, SEEN_EXPIRATION
+from ..constants import PRECEDING_EVENT_LOOKBACK, SEEN_EXPIRATION, lookback_cutoff
 from ..models import utc_now
 from .database import aware, open_backend
 
@@ -96,7 +96,7 @@ async def status(
     for name, live, expired in await backend.query("lease_counts", scope=scope, now=now):
         entry(name).leases_live, entry(name).leases_expired = live, expired
     for name, unclaimed, claimed, claim_expired, past in await backend.query(
-        "waiting_counts", scope=scope, now=now, cutoff=now - lookback
+        "waiting_counts", scope=scope, now=now, cutoff=lookback_cutoff(now, lookback)
     ):
         e = entry(name)
         e.waiting_unclaimed, e.waiting_claimed = unclaimed, claimed
