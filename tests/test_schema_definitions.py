@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from ordering.causal import dispose_engines
 from ordering.migrate import upgrade
 from ordering.schema import DEFAULT_SCHEMA, SCHEMA_ENV, SQLITE_VERSION_TABLE
-from ordering.sql import schema, statements
+from ordering.sql import queries, schema, statements
 
 from .conftest import drop_postgres_database, fresh_postgres_database
 
@@ -122,7 +122,10 @@ PG_CATALOG = {
 
 def _lines(kind: str, values: tuple[object, ...]) -> Dump:
     """A catalog row as dump lines; multi-line texts (function bodies, view texts)
-    one line each, so that a difference shows as the line that differs."""
+    one line each, so that a difference shows as the line that differs.  A function
+    body's lines are compared without their indentation, which PL/pgSQL ignores: a
+    rule of several lines, written out in place, keeps the indentation it has in
+    rules.sql wherever it is called."""
     key, *rest = (str(v) for v in values)
     head = f"{kind} | {key}"
     found: Dump = []
@@ -131,7 +134,10 @@ def _lines(kind: str, values: tuple[object, ...]) -> Dump:
         if len(parts) == 1:
             head += f" | {parts[0]}"
         else:
-            found.extend(f"{kind} | {key} |     {line.rstrip()}" for line in parts)
+            found.extend(
+                f"{kind} | {key} |     {line.strip() if kind == 'function' else line.rstrip()}"
+                for line in parts
+            )
     return [head, *found]
 
 
@@ -279,32 +285,67 @@ def test_the_comparison_sees_a_changed_body(empty_url: str, second_url: str) -> 
     assert changed, differences
 
 
-#: The lookups of waiting followers by follower and by leader, in the shapes schema.sql's
-#: functions and queries.sql run them (park and complete by follower; complete's claim
-#: and get_followers by leader), and the index each must use.
-FOLLOWER_LOOKUPS = {
-    "DELETE FROM waiting_followers f WHERE f.scope = $1 AND f.follower_id = $2": (
-        "pk_waiting_followers"
-    ),
-    "UPDATE waiting_followers f SET claimed_by = $3, claimed_until = $4 "
-    "WHERE f.scope = $1 AND f.leader_id = $2 "
-    "AND (f.claimed_until IS NULL OR f.claimed_until <= $4 OR f.claimed_by = $3)": (
-        "ix_waiting_followers_by_leader"
-    ),
-    "SELECT event::text FROM waiting_followers WHERE scope = $1 AND leader_id = $2 "
-    "ORDER BY occurred, received, follower_id": "ix_waiting_followers_by_leader",
+#: The statements of queries.sql that look up one follower, or one leader's followers.
+FOLLOWER_QUERIES = ("forget_follower", "followers_of")
+
+#: The index a lookup must use, by the column it looks up.
+INDEX_BY_COLUMN = {
+    "follower_id": "pk_waiting_followers",
+    "leader_id": "ix_waiting_followers_by_leader",
 }
+
+#: The types of the record fields the functions' statements read (``claimed.<field>``).
+RECORD_FIELDS = {"follower_id": "uuid"}
+
+_LOOKUP = re.compile(r"(?:UPDATE|DELETE FROM) waiting_followers f\b.*?(?=;|\n\s*LOOP\b)", re.S)
+_VARIABLE = re.compile(r"\b(p_\w+|claimed\.\w+)\b")
+
+
+def _function_lookups() -> Iterator[tuple[str, tuple[str, ...], str]]:
+    """(statement, parameter types, column looked up) for each update or delete of
+    waiting followers in schema.sql's functions of one event (the batch forms join
+    arrays instead), the functions' variables turned into parameters."""
+    for definition in statements(schema("postgresql")):
+        head = re.match(r"CREATE FUNCTION (\w+)\((.*?)\) RETURNS", definition, re.S)
+        if head is None or "[]" in head.group(2):
+            continue
+        types = dict(part.split(None, 1) for part in re.split(r",\s*", head.group(2).strip()))
+        types |= {f"claimed.{field}": kind for field, kind in RECORD_FIELDS.items()}
+        body = definition.split("$$")[1]
+        for found in _LOOKUP.finditer(body):
+            used: list[str] = []
+
+            def parameter(match: re.Match[str], used: list[str] = used) -> str:
+                if match.group(1) not in used:
+                    used.append(match.group(1))
+                return f"${used.index(match.group(1)) + 1}"
+
+            statement = _VARIABLE.sub(parameter, found.group(0))
+            column = re.search(r"f\.(follower_id|leader_id) = ", statement)
+            assert column, f"a lookup of waiting followers by neither key: {statement}"
+            yield statement, tuple(types[name] for name in used), column.group(1)
+
+
+def _query_lookups() -> Iterator[tuple[str, tuple[str, ...], str]]:
+    for name in FOLLOWER_QUERIES:
+        statement = queries("postgresql")[name].sql
+        column = re.search(r"\b(follower_id|leader_id) = ", statement)
+        assert column, f"{name} looks followers up by neither key: {statement}"
+        yield statement, (), column.group(1)
 
 
 def test_postgresql_follower_lookups_use_their_indexes_without_statistics() -> None:
     """A scope with many waiting followers, on a table never analyzed (a new database,
     or one autovacuum has not reached yet): the generic plans PL/pgSQL caches must
     still find a follower by its key and a leader's followers by the leader, not read
-    the whole scope through another index."""
+    the whole scope through another index.  The statements are the shipped ones: those
+    of queries.sql, and those in schema.sql's function bodies."""
+    lookups = [*_function_lookups(), *_query_lookups()]
+    assert {column for _, _, column in lookups} == set(INDEX_BY_COLUMN), lookups
     url = fresh_postgres_database("ordering_plans")
     _migrated(url)
 
-    async def plans() -> dict[str, str]:
+    async def plans() -> list[str]:
         connection = await asyncpg.connect(_dsn(url))
         try:
             await connection.execute(f"SET search_path = {DEFAULT_SCHEMA}")
@@ -315,13 +356,16 @@ def test_postgresql_follower_lookups_use_their_indexes_without_statistics() -> N
                 "FROM generate_series(1, 2000)"
             )
             await connection.execute("SET plan_cache_mode = force_generic_plan")
-            found = {}
-            for n, statement in enumerate(FOLLOWER_LOOKUPS):
-                await connection.execute(f"PREPARE lookup_{n} AS {statement}")
-                holes = max(int(n) for n in re.findall(r"\$(\d+)", statement))
+            found = []
+            for n, (statement, types, _) in enumerate(lookups):
+                declared = f"({', '.join(types)})" if types else ""
+                await connection.execute(f"PREPARE lookup_{n}{declared} AS {statement}")
+                holes = max((int(n) for n in re.findall(r"\$(\d+)", statement)), default=0)
                 params = ", ".join("NULL" for _ in range(holes))
-                rows = await connection.fetch(f"EXPLAIN EXECUTE lookup_{n}({params})")
-                found[statement] = "\n".join(row[0] for row in rows)
+                rows = await connection.fetch(
+                    f"EXPLAIN EXECUTE lookup_{n}" + (f"({params})" if params else "")
+                )
+                found.append("\n".join(row[0] for row in rows))
             return found
         finally:
             await connection.close()
@@ -330,5 +374,5 @@ def test_postgresql_follower_lookups_use_their_indexes_without_statistics() -> N
         found = asyncio.run(plans())
     finally:
         drop_postgres_database(url)
-    for statement, plan in found.items():
-        assert f"using {FOLLOWER_LOOKUPS[statement]}" in plan.lower(), (statement, plan)
+    for (statement, _, column), plan in zip(lookups, found, strict=True):
+        assert f"using {INDEX_BY_COLUMN[column]}" in plan.lower(), (statement, plan)
