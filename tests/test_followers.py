@@ -12,7 +12,9 @@ import pytest
 from ordering import (
     PRECEDING_EVENT_LOOKBACK,
     CausalOrdering,
+    EventArrivedEarly,
     ReceivedEvent,
+    admin,
 )
 from ordering.migrate import upgrade
 
@@ -201,3 +203,24 @@ async def test_a_follower_with_naive_times_is_refused_and_not_stored(
     with pytest.raises(ValueError, match="occurred must be an aware UTC datetime"):
         await ordering.record_follower(naive)
     assert await ordering.get_followers(leader) == []
+
+
+async def test_an_event_past_the_lookback_goes_when_a_parked_copy_is_lost(
+    db_url: str, ordering: Ordering, clock: MutableClock
+) -> None:
+    """The hot path judges an event not stored yet by the cutoff of the lost rule: up to
+    the moment the database finds the parked follower lost, the event waits for its
+    leader; from then on it goes at once."""
+    leader = make_event(clock)
+    follower = make_event(clock, follows=leader.id)
+    await ordering.record_follower(follower)
+
+    clock.advance(PRECEDING_EVENT_LOOKBACK - timedelta(microseconds=1))
+    assert await admin.list_followers(db_url, scope=ordering.scope, lost=True, now=clock()) == []
+    with pytest.raises(EventArrivedEarly):
+        await ordering.wait_for_leader(follower)
+
+    clock.advance(timedelta(microseconds=1))
+    lost = await admin.list_followers(db_url, scope=ordering.scope, lost=True, now=clock())
+    assert [f.follower_id for f in lost] == [follower.id]
+    await ordering.wait_for_leader(follower)
