@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from ordering.engine import asyncpg_dsn
 from ordering.migrate import upgrade
+from ordering.urls import asyncpg_dsn
 
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 PG_URL_ENV = "ORDERING_TEST_POSTGRES_URL"

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ordering import SEEN_EXPIRATION, CausalOrdering, EventArrivedEarly, ReceivedEvent
 from ordering.causal import dispose_engines
-from ordering.engine import engine_for
+from ordering.migrate import engine_for
 
 from .memory import maxrss_kib, rss_kib
 from .results import Growth

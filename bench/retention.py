@@ -47,9 +47,9 @@ from sqlalchemy.engine import make_url
 
 from ordering import CausalOrdering, ReceivedEvent, retention
 from ordering.causal import dispose_engines
-from ordering.engine import asyncpg_dsn
 from ordering.migrate import upgrade
 from ordering.models import utc_now
+from ordering.urls import asyncpg_dsn
 
 
 @asynccontextmanager

@@ -17,8 +17,9 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from ordering.engine import engine_for, resolve_url
+from ordering.migrate import engine_for
 from ordering.schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
+from ordering.urls import resolve_url
 
 config = context.config
 

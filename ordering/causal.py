@@ -44,14 +44,6 @@ from .constants import (
     SEEN_EXPIRATION,
     lookback_cutoff,
 )
-from .engine import (
-    resolve_url,
-    url_deadline,
-    url_prune_interval,
-    url_sets_deadline,
-    with_deadline,
-    with_prune_interval,
-)
 from .events import EventModel, OrderedEvent, as_uuid, checked_event, event_id, is_follower
 from .exceptions import (
     EventAlreadyProcessed,
@@ -64,6 +56,14 @@ from .loops import process_token
 from .models import ReceivedEvent, utc_now
 from .renewal import close_keeper, keeper
 from .schema import resolve_schema
+from .urls import (
+    resolve_url,
+    url_deadline,
+    url_prune_interval,
+    url_sets_deadline,
+    with_deadline,
+    with_prune_interval,
+)
 
 logger = logging.getLogger("ordering")
 

@@ -41,9 +41,9 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from . import admin, migrate
 from .causal import dispose_engines
 from .constants import PRECEDING_EVENT_LOOKBACK, SEEN_EXPIRATION
-from .engine import DEFAULT_URL, URL_ENV, resolve_url, safe_url
 from .exceptions import OrderingError
 from .models import ReceivedEvent, utc_now
+from .urls import DEFAULT_URL, URL_ENV, resolve_url, safe_url
 
 Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")

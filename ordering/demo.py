@@ -8,9 +8,9 @@ from uuid import UUID, uuid4
 
 from . import admin
 from .causal import CausalOrdering, dispose_engines
-from .engine import safe_url
 from .exceptions import EventArrivedEarly
 from .models import ReceivedEvent
+from .urls import safe_url
 
 SCOPE = "demo"
 

@@ -1,10 +1,12 @@
-"""Running the alembic migrations from code and from the command line."""
+"""Running the alembic migrations from code and from the command line, and the
+SQLAlchemy engine they (and the tools that read a database's revision) connect with."""
 
 from __future__ import annotations
 
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -12,10 +14,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .engine import engine_for, resolve_url
+from . import hosts
 from .schema import POSTGRES_VERSION_TABLE, SQLITE_VERSION_TABLE, resolve_schema
 from .sql import statements
+from .urls import asyncpg_dsns, driver_url, resolve_url, url_deadline
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -26,6 +30,24 @@ def migrations_dir() -> Path:
         if (candidate / "env.py").exists():
             return candidate
     raise FileNotFoundError("the ordering migrations are missing from this installation")
+
+
+def engine_for(url: str, **options: Any) -> AsyncEngine:
+    """A SQLAlchemy engine on a checked URL (``options`` go to ``create_async_engine``),
+    for migrations, revision reads and tools; the store itself does not use one.  On
+    PostgreSQL it connects as the store does (see ``urls.asyncpg_dsn``): SQLAlchemy
+    would pass a server setting in the query to asyncpg as an unknown keyword.
+    Connecting waits at most the URL's deadline; the statements of a migration may take
+    longer, and are not bounded."""
+    if not url.startswith("postgresql"):
+        return create_async_engine(driver_url(url), **options)
+    dsns = asyncpg_dsns(url)
+    timeout = url_deadline(url)
+    return create_async_engine(
+        driver_url(url),
+        async_creator=lambda: hosts.connect_in_order(dsns, timeout),
+        **options,
+    )
 
 
 def snapshot(revision: str, dialect: str) -> list[str]:

@@ -43,9 +43,9 @@ from sqlalchemy.engine import make_url
 
 from . import causal, exceptions
 from .causal import EventHandler
-from .engine import URL_ENV, resolve_url, safe_url
 from .events import as_uuid
 from .hosts import canonical_url
+from .urls import URL_ENV, resolve_url, safe_url
 
 __all__ = [
     "CausalOrdering",

@@ -29,9 +29,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from ordering import CausalOrdering, ReceivedEvent, StoreUnavailable
-from ordering.engine import asyncpg_dsn
 from ordering.migrate import upgrade
 from ordering.schema import resolve_schema
+from ordering.urls import asyncpg_dsn
 
 from .conftest import IN_CI
 from .helpers import MutableClock, make_event, real_clock, run_sql

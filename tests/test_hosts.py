@@ -19,8 +19,8 @@ from sqlalchemy.engine import make_url
 from ordering import CausalOrdering, ReceivedEvent
 from ordering.causal import dispose_engines
 from ordering.cli import main
-from ordering.engine import asyncpg_dsn, resolve_url, safe_url
 from ordering.hosts import canonical_url
+from ordering.urls import asyncpg_dsn, resolve_url, safe_url
 
 from .conftest import PG_URL, drop_postgres_database, fresh_postgres_database
 from .netfaults import closed_port, silent_server

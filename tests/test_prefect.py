@@ -58,10 +58,10 @@ import ordering
 from ordering import PRECEDING_EVENT_LOOKBACK, SchemaError
 from ordering import prefect as ordering_prefect
 from ordering.backends import _registry
-from ordering.engine import URL_ENV, resolve_url
 from ordering.migrate import current_revision, downgrade, head_revision, upgrade
 from ordering.models import utc_now
 from ordering.schema import resolve_schema
+from ordering.urls import URL_ENV, resolve_url
 
 from .helpers import MutableClock, assert_causal, rows_of_scope, store_object
 from .prefect_support import OUR_ORDERING, PrefectConsumer, causal_graph, prefect_event

@@ -26,7 +26,7 @@ from uuid import uuid4
 import pytest
 
 from ordering import metrics
-from ordering.engine import URL_ENV
+from ordering.urls import URL_ENV
 
 from .conftest import IN_CI
 from .netfaults import closed_port

@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from ordering import CausalOrdering, ReceivedEvent
-from ordering.engine import asyncpg_dsn
 from ordering.migrate import upgrade
+from ordering.urls import asyncpg_dsn
 
 from .conftest import drop_postgres_database, fresh_postgres_database
 

@@ -21,8 +21,8 @@ import pytest
 from ordering import CausalOrdering, ReceivedEvent, admin, retention, sql
 from ordering.backends import Backend, PostgresBackend, SqliteBackend, backend_for
 from ordering.causal import dispose_engines
-from ordering.engine import resolve_url
 from ordering.retention import PRUNER_SCOPE, Pruner, PruneRound
+from ordering.urls import resolve_url
 
 from .helpers import (
     Consumer,

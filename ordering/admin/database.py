@@ -10,9 +10,9 @@ from sqlalchemy.engine import make_url
 
 from .. import migrate
 from ..backends import Backend, backend_for
-from ..engine import resolve_url, safe_url
 from ..exceptions import SchemaError, StoreUnavailable
 from ..schema import migrate_hint
+from ..urls import resolve_url, safe_url
 
 
 def _missing_sqlite_file(url: str) -> Path | None:

@@ -29,7 +29,7 @@ _registry: Registry[Backend] = Registry()
 
 
 def backend_for(url: str, schema: str | None = None) -> Backend:
-    """The shared backend of ``url`` (a checked URL, see ``engine.resolve_url``) on the
+    """The shared backend of ``url`` (a checked URL, see ``urls.resolve_url``) on the
     running event loop; on PostgreSQL, for the store's schema ``schema``.
 
     Called several times per event: the lookup is two dictionary reads."""

@@ -51,12 +51,12 @@ from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from .. import metrics
-from ..engine import url_deadline, url_prune_interval
 from ..exceptions import SchemaError, StoreUnavailable
 from ..notify import Waiter
 from ..retention import Pruner
 from ..schema import check_revision
 from ..sql import Query
+from ..urls import url_deadline, url_prune_interval
 
 logger = logging.getLogger("ordering.backends")
 

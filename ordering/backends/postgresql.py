@@ -28,10 +28,10 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from .. import sql
-from ..engine import asyncpg_dsns, safe_url
 from ..hosts import connect_in_order
 from ..notify import Notifications, Waiter
 from ..schema import CODE_REVISION, resolve_schema
+from ..urls import asyncpg_dsns, safe_url
 from .base import (
     Backend,
     BeginRequest,
@@ -93,7 +93,7 @@ class PostgresConnections(Connections[asyncpg.Connection]):
         self._safe_url = safe_url(url)
         given = make_url(url).query
         self._settings = {k: v for k, v in _DEFAULT_SETTINGS.items() if k not in given}
-        self._settings["search_path"] = schema  # the URL may not set it (engine.py)
+        self._settings["search_path"] = schema  # the URL may not set it (urls.py)
         # The server ends a statement (or its wait for a lock) before the attempt's
         # time is up, and rolls it back: see Connections.attempt_seconds.
         for setting in ("statement_timeout", "lock_timeout"):

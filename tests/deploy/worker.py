@@ -56,7 +56,7 @@ from ordering import (
 )
 from ordering.backends import Backend, PostgresBackend, SqliteBackend, use_backend
 from ordering.causal import dispose_engines
-from ordering.engine import resolve_url
+from ordering.urls import resolve_url
 
 logger = logging.getLogger("deploy.worker")
 

@@ -30,8 +30,8 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from ordering.engine import DEFAULT_DEADLINE
 from ordering.models import utc_now
+from ordering.urls import DEFAULT_DEADLINE
 from tests.conftest import IN_CI
 from tests.fault import handled
 from tests.fault.checker import Report

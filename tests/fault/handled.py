@@ -18,7 +18,8 @@ from uuid import UUID
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ordering.engine import engine_for, resolve_url
+from ordering.migrate import engine_for
+from ordering.urls import resolve_url
 
 TABLE = "fault_handled"
 
@@ -67,7 +68,7 @@ def open_engine(url: str) -> AsyncEngine:
         )
         event.listen(engine.sync_engine, "connect", _wal)
         return engine
-    # As the store connects: several hosts and URL settings work (see engine.py).
+    # As the store connects: several hosts and URL settings work (see urls.py).
     return engine_for(resolve_url(url), isolation_level="AUTOCOMMIT", pool_size=10, max_overflow=20)
 
 

@@ -1,4 +1,5 @@
-"""Database URLs: which one to use, checked once, and how each driver is given it."""
+"""Database URLs: which one to use, checked once; the store's settings they carry
+(``?deadline=``, ``?prune_interval=``); and how each driver is given them."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import functools
 import logging
 import os
 import re
-from typing import Any
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import hosts
 
@@ -153,7 +152,7 @@ def with_prune_interval(url: str, seconds: float) -> str:
     return _with_seconds(url, PRUNE_INTERVAL_PARAMETER, seconds)
 
 
-def _driver_url(url: str) -> URL:
+def driver_url(url: str) -> URL:
     """The URL as a driver takes it: without the store's own parameters."""
     return make_url(url).difference_update_query([DEADLINE_PARAMETER, PRUNE_INTERVAL_PARAMETER])
 
@@ -173,26 +172,9 @@ def asyncpg_dsn(url: str) -> str:
     all but the store's ``deadline`` and ``prune_interval``.  asyncpg reads connection
     options from the query (``sslmode``) and passes on the rest as server settings,
     e.g. ``?synchronous_commit=off``.  Several hosts go into the netloc (see hosts.py)."""
-    return hosts.asyncpg_dsn(_driver_url(url).set(drivername="postgresql"))
+    return hosts.asyncpg_dsn(driver_url(url).set(drivername="postgresql"))
 
 
 def asyncpg_dsns(url: str) -> list[str]:
     """As ``asyncpg_dsn``, one DSN per host, in order: for ``hosts.connect_in_order``."""
-    return hosts.host_dsns(_driver_url(url).set(drivername="postgresql"))
-
-
-def engine_for(url: str, **options: Any) -> AsyncEngine:
-    """A SQLAlchemy engine on a checked URL (``options`` go to ``create_async_engine``),
-    for migrations, schema reads and tools.  On PostgreSQL it connects as the store
-    does (see ``asyncpg_dsn``): SQLAlchemy would pass a server setting in the query to
-    asyncpg as an unknown keyword.  Connecting waits at most the URL's deadline; the
-    statements of a migration may take longer, and are not bounded."""
-    if not url.startswith("postgresql"):
-        return create_async_engine(_driver_url(url), **options)
-    dsns = asyncpg_dsns(url)
-    timeout = url_deadline(url)
-    return create_async_engine(
-        _driver_url(url),
-        async_creator=lambda: hosts.connect_in_order(dsns, timeout),
-        **options,
-    )
+    return hosts.host_dsns(driver_url(url).set(drivername="postgresql"))
