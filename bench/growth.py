@@ -26,8 +26,7 @@ from typing import Any
 from sqlalchemy import DateTime, Integer, String, TextClause, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ordering import SEEN_EXPIRATION, CausalOrdering, EventArrivedEarly, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import SEEN_EXPIRATION, CausalOrdering, EventArrivedEarly, ReceivedEvent, dispose
 from ordering.migrate import engine_for
 
 from .memory import maxrss_kib, rss_kib
@@ -288,7 +287,7 @@ async def _measure(
         growth.maxrss_kib = maxrss_kib()
         return growth
     finally:
-        await dispose_engines()
+        await dispose()
 
 
 def measure(

@@ -33,8 +33,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ordering import CausalOrdering, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, dispose
 
 from .databases import asyncpg_connect
 from .sql import run_workload, warm_up
@@ -308,7 +307,7 @@ async def _profile(
             report["workloads"][workload] = entry
         report["micro_us"] = await micro(url)
     finally:
-        await dispose_engines()
+        await dispose()
     return report
 
 

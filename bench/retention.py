@@ -45,8 +45,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from ordering import CausalOrdering, ReceivedEvent, retention
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, dispose, retention
 from ordering.migrate import upgrade
 from ordering.models import utc_now
 from ordering.urls import asyncpg_dsn
@@ -70,7 +69,7 @@ async def own_database(url: str) -> AsyncIterator[str]:
             await asyncio.to_thread(upgrade, own)
             yield own
         finally:
-            await dispose_engines()
+            await dispose()
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
@@ -146,7 +145,7 @@ async def steady(args: argparse.Namespace) -> None:
             f"written {written}, left {left} ({100 * left / max(written, 1):.0f}%), "
             f"prune rounds {rounds}"
         )
-        await dispose_engines()
+        await dispose()
 
 
 # -- ingest -----------------------------------------------------------------------------
@@ -269,7 +268,7 @@ async def ingest(args: argparse.Namespace) -> None:
         await writer.close()
         await stats.close()
         retention.on_pruned = None
-        await dispose_engines()
+        await dispose()
 
 
 def main() -> None:

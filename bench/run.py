@@ -23,8 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ordering import dispose
 from ordering.backends import backend_for
-from ordering.causal import dispose_engines
 
 from . import profiling, redis_peer, reference, wakeup, workers
 from .databases import (
@@ -450,7 +450,7 @@ async def _measure(
             if peer is not None:
                 await peer.finish()
         finally:
-            await dispose_engines()
+            await dispose()
 
 
 async def _durability(url: str) -> str:

@@ -21,8 +21,7 @@ from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ordering import CausalOrdering, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, dispose
 
 from .results import Wakeup
 from .workloads import percentile
@@ -68,7 +67,7 @@ async def _lead(url: str, pipe: Connection) -> None:
                 await asyncio.sleep(hold)
             pipe.send(("done", time.monotonic()))
     finally:
-        await dispose_engines()
+        await dispose()
 
 
 def _leader_process(url: str, pipe: Connection) -> None:
@@ -112,7 +111,7 @@ async def _follow_all(url: str, pipe: Connection, samples: int, seed: int) -> li
             for label, kwargs in CONFIGURATIONS
         ]
     finally:
-        await dispose_engines()
+        await dispose()
 
 
 def measure(url: str, samples: int, seed: int) -> list[Wakeup]:

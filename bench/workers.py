@@ -19,8 +19,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent, dispose
 
 from .memory import rss_kib
 from .results import WorkersRun
@@ -52,7 +51,7 @@ async def _work(url: str, scope: str, share: list[Spec], barrier: Barrier, seed:
         check_causal(consumer.handled, share)
         return len(share), started, finished, rss_kib()
     finally:
-        await dispose_engines()
+        await dispose()
 
 
 def _worker(url: str, scope: str, share: list[Spec], barrier: Barrier, seed: int, out: Any) -> None:

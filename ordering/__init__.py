@@ -5,7 +5,7 @@ waiting followers kept in SQLite or PostgreSQL tables, so that the state survive
 restarts and is shared safely by many workers.
 """
 
-from .causal import CausalOrdering, EventHandler
+from .causal import CausalOrdering, EventHandler, dispose
 from .constants import (
     IN_FLIGHT_EVENT_TIMEOUT,
     LEASE_DURATION,
@@ -49,4 +49,5 @@ __all__ = [
     "SchemaError",
     "StoreUnavailable",
     "Verdict",
+    "dispose",
 ]

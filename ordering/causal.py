@@ -12,6 +12,7 @@ import contextvars
 import itertools
 import logging
 import os
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -812,8 +813,19 @@ async def _shielded(cleanup: Awaitable[None]) -> None:
         raise asyncio.CancelledError
 
 
-async def dispose_engines() -> None:
-    """Close the connections this process opened on the running event loop (for
-    shutdown and tests)."""
+async def dispose() -> None:
+    """Close what the store opened in this process on the running event loop: its
+    connection pools, PostgreSQL's LISTEN connection, the lease renewals and the pruner.
+    For shutdown and tests; an ordering used afterwards opens them again."""
     close_keeper()
     await dispose_backends()
+
+
+async def dispose_engines() -> None:
+    """Deprecated name of ``ordering.dispose()``, which closes backends, not engines."""
+    warnings.warn(
+        "ordering.causal.dispose_engines() is deprecated: call ordering.dispose()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    await dispose()

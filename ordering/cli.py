@@ -39,7 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import admin, migrate
-from .causal import dispose_engines
+from .causal import dispose
 from .constants import PRECEDING_EVENT_LOOKBACK, SEEN_EXPIRATION
 from .exceptions import OrderingError
 from .models import ReceivedEvent, utc_now
@@ -60,7 +60,7 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
         try:
             return await coroutine
         finally:
-            await dispose_engines()
+            await dispose()
 
     try:
         import uvloop  # the optional extra: a faster event loop when installed

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 from . import admin
-from .causal import CausalOrdering, dispose_engines
+from .causal import CausalOrdering, dispose
 from .exceptions import EventArrivedEarly
 from .models import ReceivedEvent
 from .urls import safe_url
@@ -108,5 +108,5 @@ async def run_demo(url: str, *, seed: int = 7) -> int:
         "  (the orphan stays among the waiting followers until the 15-minute lookback "
         "passes;\n   get_lost_followers() then hands it out)"
     )
-    await dispose_engines()
+    await dispose()
     return 0 if in_order and len(handled) == len(events) - 1 else 1

@@ -18,7 +18,7 @@ leaves them alone (it cannot know how long their writers meant to remember them)
 ``ordering prune --seen-expiration`` removes them.
 
 The pruner lives on the backend's event loop: a timer between rounds (nothing that
-keeps a loop running), a task during one.  ``dispose_engines()`` stops it; a forked
+keeps a loop running), a task during one.  ``ordering.dispose()`` stops it; a forked
 child builds backends afresh (ordering/loops.py), and so pruners of its own.  A round
 that fails (the store unavailable) is logged, and the next interval tries again.
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from ordering import CausalOrdering, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, dispose
 from ordering.migrate import upgrade
 
 from .helpers import MutableClock
@@ -118,7 +117,7 @@ async def ordering(
 @pytest.fixture(autouse=True)
 async def _close_pools() -> AsyncIterator[None]:
     yield
-    await dispose_engines()
+    await dispose()
 
 
 __all__ = ["IN_CI", "PG_URL", "timedelta"]

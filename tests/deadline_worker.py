@@ -12,8 +12,7 @@ import json
 import sys
 import time
 
-from ordering import CausalOrdering, ReceivedEvent, StoreUnavailable
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, StoreUnavailable, dispose
 
 from .helpers import make_event, real_clock
 
@@ -42,7 +41,7 @@ async def main(url: str, scope: str) -> None:
             "seconds": time.monotonic() - started,
         }
         print(json.dumps(answer), flush=True)
-    await dispose_engines()
+    await dispose()
 
 
 if __name__ == "__main__":

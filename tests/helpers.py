@@ -16,9 +16,8 @@ from uuid import UUID, uuid4
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent
+from ordering import CausalOrdering, EventArrivedEarly, ReceivedEvent, dispose
 from ordering.backends import Backend
-from ordering.causal import dispose_engines
 from ordering.models import utc_now
 from ordering.schema import resolve_schema
 
@@ -141,7 +140,7 @@ def run_in_threads(count: int, work: Callable[[int], Coroutine[Any, Any, T]]) ->
                 await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
                 return await work(i)
             finally:
-                await dispose_engines()
+                await dispose()
 
         try:
             results[i] = asyncio.run(main())

@@ -21,8 +21,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ordering import SEEN_EXPIRATION, CausalOrdering, ReceivedEvent, SchemaError
-from ordering.causal import dispose_engines
+from ordering import SEEN_EXPIRATION, CausalOrdering, ReceivedEvent, SchemaError, dispose
 from ordering.cli import build_parser, main
 from ordering.migrate import head_revision, upgrade
 
@@ -294,7 +293,7 @@ def _empty_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
 def _clear(url: str, scope: str) -> None:
     async def clear() -> None:
         await CausalOrdering(scope, url=url).clear()
-        await dispose_engines()
+        await dispose()
 
     asyncio.run(clear())
 
@@ -405,7 +404,7 @@ def test_prune_deletes_only_expired_rows(
         assert await ordering.record_event_as_processing(make_event(clock))
         clock.advance(SEEN_EXPIRATION)
         await ordering.record_event_as_seen(make_event(clock))
-        await dispose_engines()
+        await dispose()
 
     asyncio.run(seed())
     now = (T0 + SEEN_EXPIRATION + timedelta(seconds=1)).isoformat()
@@ -541,7 +540,7 @@ def seed_prunable(url: str, scope: str) -> None:
         await ordering.record_event_as_seen(make_event(clock))
         await ordering.record_event_as_seen(make_event(clock))
         assert await ordering.record_event_as_processing(make_event(clock))
-        await dispose_engines()
+        await dispose()
 
     asyncio.run(seed())
 

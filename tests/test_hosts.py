@@ -16,8 +16,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy.engine import make_url
 
-from ordering import CausalOrdering, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, dispose
 from ordering.cli import main
 from ordering.hosts import canonical_url
 from ordering.urls import asyncpg_dsn, resolve_url, safe_url
@@ -234,7 +233,7 @@ def test_each_form_reaches_the_live_host_for_migrate_check_status_and_the_store(
         assert await ordering.event_has_been_seen(event)
         # The same row, through the server's one-host URL.
         assert await CausalOrdering("hosts", url=pg_database).event_has_been_seen(event)
-        await dispose_engines()
+        await dispose()
 
     asyncio.run(use_the_store())
 
@@ -248,7 +247,7 @@ def _round_trip(url: str) -> None:
         ordering = CausalOrdering("hosts", url=url)
         await ordering.record_event_as_seen(event)
         assert await ordering.event_has_been_seen(event)
-        await dispose_engines()
+        await dispose()
 
     asyncio.run(go())
 

@@ -24,8 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from ordering import CausalOrdering, SchemaError
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, SchemaError, dispose
 from ordering.migrate import (
     alembic_config,
     current_revision,
@@ -67,7 +66,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
         try:
             return await coroutine
         finally:
-            await dispose_engines()
+            await dispose()
 
     return asyncio.run(main())
 

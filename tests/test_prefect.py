@@ -296,7 +296,7 @@ async def test_followers_parked_by_one_instance_are_released_by_another(
             assert get_triggers_causal_ordering() is not triggers_scope
             await releasing.consume(leader)
         finally:
-            await ordering.causal.dispose_engines()
+            await ordering.dispose()
         return releasing.names
 
     names = await asyncio.to_thread(asyncio.run, release_elsewhere())
@@ -341,7 +341,7 @@ async def test_the_clock_hook_only_reaches_orderings_built_while_it_is_set(
 
 async def test_building_an_ordering_per_event_opens_no_engine(prefect_on: str) -> None:
     """Prefect builds one ordering per event: none of them may open anything."""
-    await ordering.causal.dispose_engines()
+    await ordering.dispose()
     built = [ours() for _ in range(2_000)]
     assert _registry.current() == []  # construction touched no backend or connection
     backends = {id(o.backend) for o in built}

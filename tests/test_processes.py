@@ -21,8 +21,13 @@ from typing import Any
 
 import pytest
 
-from ordering import CausalOrdering, EventAlreadyProcessed, EventBeingProcessed, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import (
+    CausalOrdering,
+    EventAlreadyProcessed,
+    EventBeingProcessed,
+    ReceivedEvent,
+    dispose,
+)
 
 from .helpers import make_event, real_clock, run_in_threads
 
@@ -60,7 +65,7 @@ async def _contend(
         except EventBeingProcessed:
             report.put((os.getpid(), str(event.id), "refused"))
     report.put((os.getpid(), "", "pool", _pool_ids(ordering)))
-    await dispose_engines()
+    await dispose()
 
 
 def _pool_ids(ordering: CausalOrdering[Any]) -> list[int]:
@@ -209,7 +214,7 @@ def test_a_fork_after_the_parent_used_the_store_shares_nothing_with_it(
         after = parent_loop.run_until_complete(handle_some())
         assert set(before) <= set(after), "the parent's connections were given up"
     finally:
-        parent_loop.run_until_complete(dispose_engines())
+        parent_loop.run_until_complete(dispose())
         parent_loop.close()
 
 

@@ -18,9 +18,8 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from ordering import CausalOrdering, ReceivedEvent, admin, retention, sql
+from ordering import CausalOrdering, ReceivedEvent, admin, dispose, retention, sql
 from ordering.backends import Backend, PostgresBackend, SqliteBackend, backend_for
-from ordering.causal import dispose_engines
 from ordering.retention import PRUNER_SCOPE, Pruner, PruneRound
 from ordering.urls import resolve_url
 
@@ -215,7 +214,7 @@ def test_pruners_on_separate_event_loops_take_turns(db_url: str, scope: str) -> 
     async def setup() -> None:
         ordering = ordering_on(db_url, scope, clock)
         await handle(ordering, 5, clock)
-        await dispose_engines()
+        await dispose()
 
     asyncio.run(setup())
     clock.advance(SHORT + timedelta(seconds=1))
@@ -399,18 +398,16 @@ async def test_a_failed_round_is_logged_and_tried_at_the_next_interval(
 
         await eventually(lambda: failures() >= 2, what="two failed rounds", within=15)
     assert pruner.rounds == 0
-    await dispose_engines()
+    await dispose()
     assert pruner._timer is None and pruner._task is None
 
 
-async def test_dispose_engines_stops_the_pruner(
-    db_url: str, clock: MutableClock, scope: str
-) -> None:
+async def test_dispose_stops_the_pruner(db_url: str, clock: MutableClock, scope: str) -> None:
     ordering = ordering_on(db_url, scope, clock, prune_interval=timedelta(seconds=0.05))
     assert not await ordering.event_has_been_seen(uuid4())
     pruner = pruner_of(ordering)
     await eventually(lambda: pruner.rounds >= 1, what="a round", within=10)
-    await dispose_engines()
+    await dispose()
     rounds = pruner.rounds
     await asyncio.sleep(0.3)
     assert pruner.rounds == rounds
@@ -444,7 +441,7 @@ def test_a_forked_child_prunes_with_its_own_pruner_never_the_parents(
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        loop.run_until_complete(dispose_engines())
+        loop.run_until_complete(dispose())
         loop.close()
 
 
@@ -461,5 +458,5 @@ async def _child(url: str, scope: str, clock: MutableClock, parents: Pruner) -> 
     first = own.last
     await eventually(lambda: own.last is not first, what="the child's round", within=10)
     await asyncio.sleep(0.6)  # two of the parent's intervals
-    await dispose_engines()
+    await dispose()
     return 0 if parents.last is before else 3

@@ -43,8 +43,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ordering import CausalOrdering, ReceivedEvent, SchemaError
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, SchemaError, dispose
 from ordering.migrate import alembic_config, current_revision, upgrade
 from ordering.models import utc_now
 from ordering.schema import CODE_REVISION, resolve_schema
@@ -282,7 +281,7 @@ async def this_release_runs(url: str, scope: str) -> None:
     try:
         await CausalOrdering(scope, url=url).event_has_been_seen(uuid.uuid4())
     finally:
-        await dispose_engines()
+        await dispose()
 
 
 async def next_release_runs(url: str) -> None:

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from ordering.causal import dispose_engines
+from ordering import dispose
 from ordering.migrate import upgrade
 from ordering.schema import DEFAULT_SCHEMA, SCHEMA_ENV, SQLITE_VERSION_TABLE
 from ordering.sql import queries, schema, statements
@@ -40,7 +40,7 @@ def _dsn(url: str) -> str:
 
 def _migrated(url: str) -> None:
     upgrade(url)
-    asyncio.run(dispose_engines())
+    asyncio.run(dispose())
 
 
 # -- PostgreSQL -------------------------------------------------------------------------

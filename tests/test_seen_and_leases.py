@@ -18,6 +18,7 @@ from ordering import (
     CausalOrdering,
     EventBeingProcessed,
     ReceivedEvent,
+    dispose,
 )
 from ordering.backends import _registry
 from ordering.causal import dispose_engines
@@ -318,12 +319,24 @@ async def test_orderings_built_per_event_share_one_store_and_open_nothing(
 ) -> None:
     """Prefect builds an ordering for every event: construction does no I/O and every
     instance on a URL shares one backend and its connections (per event loop)."""
-    await dispose_engines()
+    await dispose()
     orderings = [CausalOrdering(f"{scope}-{i}", url=db_url) for i in range(1000)]
     assert _registry.current() == []  # nothing opened yet
     assert len({id(o.backend) for o in orderings}) == 1
     assert len({id(o.backend.connections) for o in orderings}) == 1
     assert len(_registry.current()) == 1
+
+
+async def test_dispose_engines_still_closes_the_store_and_names_its_successor(
+    db_url: str, scope: str
+) -> None:
+    """The README once said ``await dispose_engines()``: code that copied it keeps
+    working, and is told to call ``ordering.dispose()``."""
+    assert not await CausalOrdering(scope, url=db_url).event_has_been_seen(uuid4())
+    assert len(_registry.current()) == 1
+    with pytest.warns(DeprecationWarning, match=r"ordering\.dispose\(\)"):
+        await dispose_engines()
+    assert _registry.current() == []
 
 
 async def _burst(connections: Any, size: int) -> None:

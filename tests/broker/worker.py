@@ -23,8 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
-from ordering import CausalOrdering, ReceivedEvent
-from ordering.causal import dispose_engines
+from ordering import CausalOrdering, ReceivedEvent, dispose
 from tests.fault import handled
 from tests.fault.worker import HandlerFailed, Worker, phase
 
@@ -112,7 +111,7 @@ async def serve(args: argparse.Namespace, consume: Consume) -> None:
         (run_dir / f"{args.name}.result.json").write_text(worker.stats.as_json())
         (run_dir / f"{args.name}.broker.json").write_text(json.dumps(dict(tally.counts)))
         await engine.dispose()
-        await dispose_engines()
+        await dispose()
 
 
 def parser(prog: str) -> argparse.ArgumentParser:

@@ -52,10 +52,10 @@ from ordering import (
     EventBeingProcessed,
     ReceivedEvent,
     SchemaError,
+    dispose,
     sql,
 )
 from ordering.backends import Backend, PostgresBackend, SqliteBackend, use_backend
-from ordering.causal import dispose_engines
 from ordering.urls import resolve_url
 
 logger = logging.getLogger("deploy.worker")
@@ -255,7 +255,7 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         worker.close()
         (run_dir / f"{name}.result.json").write_text(worker.stats.as_json())
-        await dispose_engines()
+        await dispose()
     return code
 
 

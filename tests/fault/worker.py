@@ -60,8 +60,8 @@ from ordering import (
     ReceivedEvent,
     StoreUnavailable,
     Verdict,
+    dispose,
 )
-from ordering.causal import dispose_engines
 from ordering.models import utc_now
 
 from . import handled
@@ -386,7 +386,7 @@ async def main_async(args: argparse.Namespace) -> None:
         worker.close()
         (run_dir / f"{args.name}.result.json").write_text(worker.stats.as_json())
         await engine.dispose()
-        await dispose_engines()
+        await dispose()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
