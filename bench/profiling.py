@@ -158,7 +158,7 @@ async def micro(url: str, count: int = 2000) -> dict[str, tuple[float, float]]:
     ordering = CausalOrdering(f"bench-micro-{uuid.uuid4().hex[:8]}", url=url)
     now = datetime.now(UTC)
     leader = uuid.uuid4()
-    await ordering.event_has_been_seen(leader)  # schema check, connections
+    await ordering.event_has_been_seen(leader)  # version check, connections
     actions: dict[str, Callable[[], Awaitable[Any]]] = {}
     async with AsyncExitStack() as stack:
         # Before the backends the store ran on a SQLAlchemy engine: its costs, then.

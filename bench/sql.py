@@ -46,7 +46,7 @@ def _always(ordering: CausalOrdering[ReceivedEvent]) -> Callable[[], Any]:
 
 
 async def warm_up(url: str, seed: int) -> None:
-    """Open the pool, check the schema and prepare every hot-path statement once, the
+    """Open the pool, check the database's revision and prepare every hot-path statement once, the
     batched ones included, so that the timed runs see a warm statement cache (asyncpg
     prepares on first use)."""
     for workload in WORKLOADS:

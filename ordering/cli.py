@@ -314,7 +314,7 @@ def _upgrade(url: str, revision: str = "head") -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    state = _run(admin.schema_state(args.url))
+    state = _run(admin.revision_state(args.url))
     # At the head, or ahead in a rolling deploy and still serving this code: a worker of
     # this release starts, so the gate passes.
     if state.usable:

@@ -46,7 +46,13 @@ class OrderingError(Exception):
 
 
 class SchemaError(OrderingError):
-    """The database schema is missing or not at the revision this code expects."""
+    """The store's objects in the database (tables, views, functions) are not at a
+    revision this code runs on: missing, older than this code (run ``ordering
+    migrate``), or newer and no longer serving this code (upgrade the package).
+
+    "Schema" here is the database schema in the general sense, the objects' layout;
+    the PostgreSQL schema that holds them (``schema=``) is a namespace, and a missing
+    one shows as missing objects.  The message says which case it is."""
 
 
 class StoreUnavailable(OrderingError):

@@ -214,7 +214,7 @@ async def test_a_lock_held_elsewhere_before_the_event_begins(db_url: str, scope:
     deadline; once the lock is let go, the event is handled."""
     clock = real_clock()
     ordering = _ordering(db_url, scope, clock)
-    await ordering.event_has_been_seen(make_event(clock))  # the schema check, beforehand
+    await ordering.event_has_been_seen(make_event(clock))  # the version check, beforehand
     event = make_event(clock)
 
     async def handle() -> None:

@@ -34,7 +34,7 @@ from ordering.migrate import (
     upgrade_sql,
 )
 from ordering.schema import CODE_REVISION, SCHEMA_ENV
-from ordering.sql import schema as schema_sql
+from ordering.sql import definitions
 
 from .conftest import drop_postgres_database, fresh_postgres_database
 from .helpers import MutableClock, make_event
@@ -163,7 +163,7 @@ def pg_functions(url: str, schema: str = "ordering") -> set[str]:
 
 def defined_functions() -> set[str]:
     """The functions the current definitions (ordering/sql) create on PostgreSQL."""
-    return set(re.findall(r"^CREATE FUNCTION (\w+)\(", schema_sql("postgresql"), re.MULTILINE))
+    return set(re.findall(r"^CREATE FUNCTION (\w+)\(", definitions("postgresql"), re.MULTILINE))
 
 
 def table_name(url: str, base: str, schema: str = "ordering") -> str:

@@ -275,7 +275,7 @@ async def test_rows_of_either_release_read_the_same_to_both(
     ordering = ordering_on(db_url, scope, clock)
     previous = previous_release_backend(resolve_url(db_url))
     try:
-        await previous.check_schema()  # it runs on this revision: an expand step
+        await previous.check_version()  # it runs on this revision: an expand step
         old_row, new_row = uuid4(), make_event(clock)
         now = clock()
         if db_url.startswith("postgresql"):

@@ -287,7 +287,7 @@ async def this_release_runs(url: str, scope: str) -> None:
 async def next_release_runs(url: str) -> None:
     backend = next_release_backend(url)
     try:
-        await backend.check_schema()
+        await backend.check_version()
     finally:
         await backend.dispose()
 

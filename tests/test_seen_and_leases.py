@@ -260,7 +260,7 @@ async def test_sqlite_waits_for_another_writer_without_blocking_the_loop(
     loop goes on, and completes once the lock is released."""
     ordering = CausalOrdering(scope, url=sqlite_url, clock=clock)
     event = make_event(clock)
-    await ordering.event_has_been_seen(event)  # schema checked, connection open
+    await ordering.event_has_been_seen(event)  # revision checked, connection open
     other = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
     ticks = 0
@@ -388,7 +388,7 @@ async def test_postgresql_completions_are_durable_unless_the_url_trades_it(
 ) -> None:
     """A completion waits for PostgreSQL's WAL flush unless the URL says
     ``synchronous_commit=off`` (docs/guarantees.md: what a database crash then costs);
-    the store, its migrations and its schema check work the same either way."""
+    the store, its migrations and its version check work the same either way."""
 
     async def setting(url: str, name: str) -> str:
         ordering = CausalOrdering(scope, url=url, clock=clock)
@@ -408,6 +408,6 @@ async def test_postgresql_completions_are_durable_unless_the_url_trades_it(
     # the URL's settings win over the store's own defaults
     assert await setting(postgres_url, "application_name") == "ordering"
     assert await setting(trading, "application_name") == "billing"
-    # the same URL serves the migrations and the schema check
+    # the same URL serves the migrations and the version check
     await asyncio.to_thread(upgrade, trading)
     assert await current_revision(trading) == CODE_REVISION

@@ -1,4 +1,4 @@
-"""Operating the store: schema state, status, followers, prune and replay.
+"""Operating the store: revision state, status, followers, prune and replay.
 
 The database side of the ``ordering`` command line, callable from Python as well (a
 service can schedule ``await prune(url)``).  Each concern has a module of its own;
@@ -10,7 +10,7 @@ Every function takes ``now`` (default: the wall clock) because the store's notio
 time is the clock its orderings were given: tests and investigations pass their own.
 """
 
-from .database import SchemaState, open_backend, schema_state
+from .database import RevisionState, open_backend, revision_state
 from .followers import WaitingFollower, list_followers
 from .prune import DEFAULT_BATCH_SIZE, PruneResult, prune
 from .replay import (
@@ -34,7 +34,7 @@ __all__ = [
     "PruneResult",
     "ReplayClock",
     "ReplayReport",
-    "SchemaState",
+    "RevisionState",
     "ScopeStatus",
     "WaitingFollower",
     "check_lines",
@@ -43,6 +43,6 @@ __all__ = [
     "parse_line",
     "prune",
     "replay",
-    "schema_state",
+    "revision_state",
     "status",
 ]

@@ -1,4 +1,4 @@
-"""Opening the database for an operator, and where its schema stands."""
+"""Opening the database for an operator, and which revision its objects are at."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ async def open_backend(url: str | None = None, *, schema: str | None = None) -> 
     """The shared backend for ``url`` (the one the orderings of this event loop use),
     checked to be at a schema revision this code runs on.
 
-    Raises SchemaError, naming the command to run, when the schema is missing, behind
-    or too new; a SQLite file that does not exist is reported, not created.  An
+    Raises SchemaError, naming the command to run, when the store's objects are
+    missing, behind or too new; a SQLite file that does not exist is reported, not created.  An
     unreachable database is reported at once (StoreUnavailable) rather than after the
     store's patient retries: a person or a scheduler asked.
     """
@@ -44,7 +44,7 @@ async def open_backend(url: str | None = None, *, schema: str | None = None) -> 
         await backend.ping()
     except Exception as exc:  # drivers raise their own classes when connecting
         raise _unreachable(url, exc) from exc
-    await backend.check_schema()
+    await backend.check_version()
     return backend
 
 
@@ -55,8 +55,9 @@ def _unreachable(url: str, exc: BaseException) -> StoreUnavailable:
 
 
 @dataclass(frozen=True)
-class SchemaState:
-    """Where the database's schema is, against the migrations this code ships."""
+class RevisionState:
+    """Which revision the database's objects are at, against the migrations this code
+    ships."""
 
     url: str
     current: str | None
@@ -103,18 +104,18 @@ class SchemaState:
         )
 
 
-async def schema_state(url: str | None = None, *, schema: str | None = None) -> SchemaState:
+async def revision_state(url: str | None = None, *, schema: str | None = None) -> RevisionState:
     """The database's revision and the head, without creating a missing SQLite file."""
     url = resolve_url(url)
     head = migrate.head_revision()
     missing = _missing_sqlite_file(url)
     if missing is not None:
-        return SchemaState(url, None, head, missing_file=missing)
+        return RevisionState(url, None, head, missing_file=missing)
     try:
         current, oldest = await migrate.database_revisions(url, schema=schema)
     except Exception as exc:  # drivers raise their own classes when connecting
         raise _unreachable(url, exc) from exc
-    return SchemaState(url, current, head, oldest_served=oldest)
+    return RevisionState(url, current, head, oldest_served=oldest)
 
 
 def aware(moment: datetime, name: str = "now") -> datetime:

@@ -353,7 +353,7 @@ class Backend(abc.ABC):
         """Run the named statement as a write transaction of its own."""
 
     @abc.abstractmethod
-    async def check_schema(self) -> None: ...
+    async def check_version(self) -> None: ...
 
     @abc.abstractmethod
     async def dispose(self) -> None: ...
@@ -364,7 +364,7 @@ class Backend(abc.ABC):
 
 #: When the call the running task makes gives up (event loop time), if a caller up the
 #: stack set it: a batch runs until its earliest caller's deadline, and an operation
-#: run inside another (the schema check before the first) shares the outer deadline.
+#: run inside another (the version check before the first) shares the outer deadline.
 _gives_up_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "ordering_gives_up_at", default=None
 )
@@ -715,7 +715,7 @@ def announce(listeners: Sequence[StatementListener], query: Query) -> None:
         listener(query.name, query.sql)
 
 
-def check_schema_rows(
+def require_served_revision(
     url: str, revision: str | None, oldest: str | None, *, code_revision: str
 ) -> None:
     """Raise SchemaError unless this code may run on a database at ``revision``."""

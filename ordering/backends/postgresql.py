@@ -1,7 +1,7 @@
 """The PostgreSQL backend, on asyncpg.
 
 Each operation is one statement, so one round trip and one transaction; the three of
-the hot path call the functions of schema.sql (``begin_event_v1``,
+the hot path call the functions of definitions.sql (``begin_event_v1``,
 ``complete_event_v1``, ``park_follower_v1``).  Concurrent calls of ``begin`` and
 ``complete`` share one round trip and one commit (``begin_events_v2``,
 ``complete_events_v2``; see batching.py), and concurrent seen checks one round trip
@@ -9,7 +9,7 @@ the hot path call the functions of schema.sql (``begin_event_v1``,
 prepared-statement cache.  Every connection's search_path is the store's schema, so
 neither the SQL files nor the functions name it.
 
-Why no follower is ever stranded: see ``park_follower_v1`` in schema.sql (parking and
+Why no follower is ever stranded: see ``park_follower_v1`` in definitions.sql (parking and
 completion serialize on an advisory lock on the leader, and each statement of a
 PL/pgSQL function reads with a fresh snapshot).
 """
@@ -42,7 +42,7 @@ from .base import (
     Refused,
     Rows,
     StatementListener,
-    check_schema_rows,
+    require_served_revision,
     seconds_left,
 )
 from .batching import Batcher
@@ -183,7 +183,7 @@ class PostgresBackend(Backend):
         self.code_revision = code_revision
         self.listeners: list[StatementListener] = []
         self.connections = PostgresConnections(url, self.schema, **options)
-        self.connections.before_first_use = self.check_schema
+        self.connections.before_first_use = self.check_version
         self.notifications = Notifications(
             self.connections.connect, timeout=self.connections.attempt_seconds
         )
@@ -224,7 +224,7 @@ class PostgresBackend(Backend):
     async def write(self, name: str, /, **params: Any) -> Rows:
         return await self._fetch(name, **params)  # one statement: its own transaction
 
-    async def check_schema(self) -> None:
+    async def check_version(self) -> None:
         queries = self.queries
 
         async def read(connection: asyncpg.Connection) -> tuple[str | None, str | None]:
@@ -242,8 +242,8 @@ class PostgresBackend(Backend):
             oldest = await value("oldest_code_served") if compatibility else None
             return revision, oldest
 
-        revision, oldest = await self.connections.run(read, name="check_schema")
-        check_schema_rows(
+        revision, oldest = await self.connections.run(read, name="check_version")
+        require_served_revision(
             self.connections.safe_url(), revision, oldest, code_revision=self.code_revision
         )
 

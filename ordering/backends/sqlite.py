@@ -53,7 +53,7 @@ from .base import (
     Refused,
     Rows,
     StatementListener,
-    check_schema_rows,
+    require_served_revision,
     seconds_left,
 )
 from .batching import Batcher
@@ -205,7 +205,7 @@ class SqliteBackend(Backend):
         self.code_revision = code_revision
         self.listeners: list[StatementListener] = []
         self.connections = SqliteConnections(url, **options)
-        self.connections.before_first_use = self.check_schema
+        self.connections.before_first_use = self.check_version
         self.writers = frozenset(
             name for name, query in self.queries.items() if not query.sql.startswith("SELECT")
         )
@@ -317,7 +317,7 @@ class SqliteBackend(Backend):
         finally:
             self._checkpointing = None
 
-    async def check_schema(self) -> None:
+    async def check_version(self) -> None:
         def read(execute: Execute) -> tuple[str | None, str | None]:
             ours, compatibility, _ = execute("schema_tables", {})[0]
             if not ours:
@@ -326,8 +326,8 @@ class SqliteBackend(Backend):
             oldest = execute("oldest_code_served", {}) if compatibility else []
             return (revision[0][0] if revision else None), (oldest[0][0] if oldest else None)
 
-        revision, oldest = await self._run(read, name="check_schema")
-        check_schema_rows(self.url, revision, oldest, code_revision=self.code_revision)
+        revision, oldest = await self._run(read, name="check_version")
+        require_served_revision(self.url, revision, oldest, code_revision=self.code_revision)
 
     # -- the hot path ---------------------------------------------------------------
 

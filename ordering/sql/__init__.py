@@ -13,8 +13,9 @@
     Every statement the store runs, under ``-- name: NAME(param, ...)`` headers; the
     parameters are numbered in the order the header lists them (``$n`` on
     PostgreSQL, ``?n`` on SQLite), so callers pass them by name.
-``schema.sql``
-    The objects this code expects, written out whole (migrations build the same).
+``definitions.sql``
+    The definitions of the objects this code expects (tables, indexes, views,
+    functions), written out whole; the migrations build the same.
 
 Files are read once per process.
 """
@@ -189,15 +190,15 @@ def queries(dialect: str) -> dict[str, Query]:
     return parse_queries(_read(dialect, "queries.sql"), dialect)
 
 
-def schema(dialect: str) -> str:
+def definitions(dialect: str) -> str:
     """The current definitions of the store's objects, rules written out."""
-    return expand(_read(dialect, "schema.sql"), rules(dialect))
+    return expand(_read(dialect, "definitions.sql"), rules(dialect))
 
 
 def statements(script: str) -> list[str]:
     """A script split into statements, at semicolons that end a line outside a
     dollar-quoted function body; comment lines between statements are left out.  Used
-    for schema.sql and for the migrations' snapshots."""
+    for definitions.sql and for the migrations' snapshots."""
     found: list[str] = []
     current: list[str] = []
     in_body = False

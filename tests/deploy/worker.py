@@ -242,7 +242,7 @@ async def main_async(args: argparse.Namespace) -> int:
     code = 0
     try:
         try:
-            await ordering.event_has_been_seen(uuid4())  # checks the schema, once
+            await ordering.event_has_been_seen(uuid4())  # checks the revision, once
         except SchemaError as exc:
             worker.stats.schema_error = str(exc)
             return 3

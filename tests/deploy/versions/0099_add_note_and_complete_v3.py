@@ -8,7 +8,7 @@ database at this revision.
 
 The function body is a copy of ``complete_event_v2`` as revision 0006 defines it (its
 rules written out), frozen here as a migration must be: a later change to
-schema.sql must not change what this revision builds.
+definitions.sql must not change what this revision builds.
 
 Revision ID: 0099
 Revises: 0006

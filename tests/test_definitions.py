@@ -1,4 +1,4 @@
-"""The migrations and the current definitions (ordering/sql/<dialect>/schema.sql) build
+"""The migrations and the current definitions (ordering/sql/<dialect>/definitions.sql) build
 the same database: one built by running every migration and one built from the
 definitions are compared by their catalogs, function bodies and view texts included,
 on both dialects.  Structure only: the rows a migration writes (code_compatibility's)
@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from ordering import dispose
 from ordering.migrate import upgrade
 from ordering.schema import DEFAULT_SCHEMA, SCHEMA_ENV, SQLITE_VERSION_TABLE
-from ordering.sql import queries, schema, statements
+from ordering.sql import definitions, queries, statements
 
 from .conftest import drop_postgres_database, fresh_postgres_database
 
@@ -241,14 +241,19 @@ def _define(url: str, script: str) -> None:
 def _differences(migrated: Dump, defined: Dump) -> str:
     return "\n".join(
         difflib.unified_diff(
-            migrated, defined, "built by the migrations", "built from schema.sql", lineterm="", n=2
+            migrated,
+            defined,
+            "built by the migrations",
+            "built from definitions.sql",
+            lineterm="",
+            n=2,
         )
     )
 
 
-def test_migrations_build_what_schema_sql_defines(empty_url: str, second_url: str) -> None:
+def test_migrations_build_what_definitions_sql_defines(empty_url: str, second_url: str) -> None:
     _migrated(empty_url)
-    _define(second_url, schema(_dialect(empty_url)))
+    _define(second_url, definitions(_dialect(empty_url)))
     migrated, defined = _dump(empty_url), _dump(second_url)
     assert migrated, "the dump of the migrated database is empty"
     kinds = {line.split(" | ")[0] for line in migrated}
@@ -259,7 +264,7 @@ def test_migrations_build_what_schema_sql_defines(empty_url: str, second_url: st
     )
     assert expected <= kinds, f"the dump misses {expected - kinds}"
     assert migrated == defined, (
-        "the migrations and schema.sql build different databases:\n"
+        "the migrations and definitions.sql build different databases:\n"
         + _differences(migrated, defined)
     )
 
@@ -276,7 +281,7 @@ def test_the_comparison_sees_a_changed_body(empty_url: str, second_url: str) -> 
     """The comparison is live: one changed line in a function body (PostgreSQL) or a
     view (SQLite) shows up in the difference."""
     old, new, shown = CHANGES[_dialect(empty_url)]
-    script = schema(_dialect(empty_url))
+    script = definitions(_dialect(empty_url))
     assert old in script
     _migrated(empty_url)
     _define(second_url, script.replace(old, new, 1))
@@ -303,9 +308,9 @@ _VARIABLE = re.compile(r"\b(p_\w+|claimed\.\w+)\b")
 
 def _function_lookups() -> Iterator[tuple[str, tuple[str, ...], str]]:
     """(statement, parameter types, column looked up) for each update or delete of
-    waiting followers in schema.sql's functions of one event (the batch forms join
+    waiting followers in definitions.sql's functions of one event (the batch forms join
     arrays instead), the functions' variables turned into parameters."""
-    for definition in statements(schema("postgresql")):
+    for definition in statements(definitions("postgresql")):
         head = re.match(r"CREATE FUNCTION (\w+)\((.*?)\) RETURNS", definition, re.S)
         if head is None or "[]" in head.group(2):
             continue
@@ -339,7 +344,7 @@ def test_postgresql_follower_lookups_use_their_indexes_without_statistics() -> N
     or one autovacuum has not reached yet): the generic plans PL/pgSQL caches must
     still find a follower by its key and a leader's followers by the leader, not read
     the whole scope through another index.  The statements are the shipped ones: those
-    of queries.sql, and those in schema.sql's function bodies."""
+    of queries.sql, and those in definitions.sql's function bodies."""
     lookups = [*_function_lookups(), *_query_lookups()]
     assert {column for _, _, column in lookups} == set(INDEX_BY_COLUMN), lookups
     url = fresh_postgres_database("ordering_plans")
