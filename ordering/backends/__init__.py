@@ -1,8 +1,9 @@
 """Backends: one module per dialect behind the interface of ``base.py``.
 
 ``backend_for(url)`` hands out the shared backend of a URL on the running event loop;
-construction does no I/O, the schema is checked on first use.  A third dialect is one
-module more, and one line in ``_DIALECTS``.
+construction does no I/O, the database's revision is checked on first use.  The choice
+of backend is by the URL's scheme, here; what a third dialect takes besides its module
+is listed in docs/design.md.
 """
 
 from __future__ import annotations
