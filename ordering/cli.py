@@ -1,4 +1,4 @@
-"""The `ordering` command line: parsing and printing; the database work is in admin.py.
+"""The `ordering` command line: parsing and printing; the database work is in ordering/admin/.
 
 Every command takes ``--url`` (default: $ORDERING_DATABASE_URL, else the embedded
 SQLite file).  Errors are one line on stderr and exit status 1; ``--debug`` shows the
