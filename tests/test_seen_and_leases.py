@@ -12,6 +12,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from ordering import (
     SEEN_EXPIRATION,
@@ -20,7 +21,7 @@ from ordering import (
     ReceivedEvent,
     dispose,
 )
-from ordering.backends import _registry
+from ordering.backends import PostgresBackend, _registry
 from ordering.causal import dispose_engines
 from ordering.migrate import current_revision, upgrade
 from ordering.schema import CODE_REVISION
@@ -381,6 +382,47 @@ async def test_connections_unused_for_a_while_are_closed(
     await _burst(connections, 12)
     assert connections.idle == 12
     await eventually(lambda: connections.idle == 0, what="the unused connections to close")
+
+
+async def test_a_postgresql_worker_opens_at_most_31_connections(
+    postgres_url: str, scope: str
+) -> None:
+    """The README's sizing: per database and event loop, at most 30 connections for
+    statements however many tasks ask, and one more that LISTENs for wake-ups while a
+    follower waits for a leader in flight; counted by the server."""
+    name = f"sizing-{uuid4().hex[:8]}"
+    url = make_url(postgres_url).update_query_dict({"application_name": name})
+    ordering = CausalOrdering(scope, url=url.render_as_string(hide_password=False))
+    backend = ordering.backend
+    assert isinstance(backend, PostgresBackend)
+    connections = backend.connections
+    released = asyncio.Event()
+
+    async def hold() -> None:
+        async with connections.held():
+            await released.wait()
+
+    async def opened() -> int:
+        rows = await run_sql(
+            postgres_url,
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = :name",
+            {"name": name},
+        )
+        return int(rows[0]["n"])
+
+    async def all_open() -> bool:
+        return await opened() == 31
+
+    holders = [asyncio.create_task(hold()) for _ in range(40)]
+    try:
+        async with backend.notifications.waiter(scope, uuid4()) as waiter:
+            assert waiter.woken_by_completion  # its LISTEN connection is open
+            await eventually(all_open, what="30 connections for statements and the LISTEN one")
+            await asyncio.sleep(0.2)  # ten tasks still wait for a slot: none opens one
+            assert await opened() == 31
+    finally:
+        released.set()
+        await asyncio.gather(*holders)
 
 
 async def test_postgresql_completions_are_durable_unless_the_url_trades_it(
