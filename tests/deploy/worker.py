@@ -1,7 +1,8 @@
-"""A worker process of this release ("old") or of the next one ("new").
+"""A worker process of this code ("old"), or of this code standing in for a later
+revision's ("new"), for tests/test_expand_contract.py.
 
-It writes its consumer loop by hand rather than with ``OrderedConsumer``: as "old" it
-stands for the previous release, which had no such class.
+It writes its consumer loop by hand rather than with ``OrderedConsumer``, a class that
+the release being replaced may not have.
 
     python -m tests.deploy.worker --url URL --scope S --mode old|new \
         --feed FILE --handled FILE --run-dir DIR
@@ -21,8 +22,8 @@ It talks to the test through files:
   between the stages of the deploy).
 * ``<run-dir>/<worker>.result.json``: what it did, written when it exits.
 
-The next release is simulated with the seams of the backends: the same backend
-classes, built with that release's code revision ("0099") and the statements it
+The later revision's code is simulated with the seams of the backends, not run: the
+same backend classes, built with its code revision ("0099") and the statements it
 changes (completion through ``complete_event_v3`` on PostgreSQL, the seen row with
 its ``note`` on SQLite), made the shared backend of the URL before anything else
 asks for one.

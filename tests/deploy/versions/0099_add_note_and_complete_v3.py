@@ -1,4 +1,4 @@
-"""A later release's expand step, for the rolling-deploy test: additive only.
+"""A later release's expand step, for tests/test_expand_contract.py: additive only.
 
 Adds a nullable ``note`` column to the seen-events table and, on PostgreSQL,
 ``complete_event_v3``: ``complete_event_v2`` with a last argument, ``p_note``, written

@@ -1,23 +1,29 @@
-"""A rolling deploy, on SQLite and PostgreSQL: expand the schema under running
-workers, start the next release's workers beside them, and lose nothing.
+"""The expand and contract steps of docs/deploy.md, on SQLite and PostgreSQL, with
+this code as the release being replaced: its statements keep working on a database
+migrated to a later, additive revision, beside statements written for that revision,
+until the contract step makes it refuse the database.
 
-The next release is revision 0099 (tests/deploy/versions): it adds a nullable
-``note`` to the seen events and, on PostgreSQL, ``complete_event_v3``, which writes
-it.  Its workers (tests/deploy/worker.py ``--mode new``) complete events through the
-new function (on SQLite, with the new column in their own statement); this
-release's workers (``--mode old``) go on with ``complete_event_v2`` on the same
-database.  Each worker is a process of its own; they share a file in which the
-handler writes a line per event it handles, in the order the handlers ran.
+Both kinds of worker run this checkout's Python.  The later revision is 0099
+(tests/deploy/versions): a nullable ``note`` on the seen events and, on PostgreSQL,
+``complete_event_v3``, which writes it.  A ``--mode new`` worker (tests/deploy/worker.py)
+is this code with that revision number and one statement swapped (completion through
+``complete_event_v3``; on SQLite, the seen row written with its note); a ``--mode old``
+worker is this code as it is, completing through ``complete_event_v2``.  So this shows
+that the two sets of statements share the rows of one scope on the migrated database,
+and that ``code_compatibility`` lets this code run there and then stops it; whether a
+real previous release's code runs beside this one is tests/fault/test_previous_release.py's
+question.
 
-The deploy, as docs/deploy.md lays it out:
+Each worker is a process of its own; they share a file in which the handler writes a
+line per event it handles, in the order the handlers ran.  The steps:
 
 1. an old worker handles a stream of causal chains, delivered out of order;
 2. meanwhile the database is migrated to 0099 (the expand step);
 3. a new worker starts beside the old one, and both get the rest of the stream,
    with some events delivered to both (a broker's redeliveries), and some that the
    old worker handled or parked before the migration delivered to the new one;
-4. the contract step moves ``code_compatibility`` past this release: from then on
-   this release's code refuses the database, and asks to be upgraded.
+4. the contract step moves ``code_compatibility`` past this code's revision: from then
+   on this code refuses the database, and asks to be upgraded.
 """
 
 from __future__ import annotations
@@ -296,7 +302,7 @@ async def next_release_runs(url: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_rolling_deploy_loses_nothing_and_runs_both_releases(
+def test_both_sets_of_statements_share_the_expanded_database_until_the_contract_step(
     empty_url: str, tmp_path: Path
 ) -> None:
     url, postgres = empty_url, empty_url.startswith("postgresql")
