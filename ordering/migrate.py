@@ -32,24 +32,6 @@ def migrations_dir() -> Path:
     raise FileNotFoundError("the ordering migrations are missing from this installation")
 
 
-def engine_for(url: str, **options: Any) -> AsyncEngine:
-    """A SQLAlchemy engine on a checked URL (``options`` go to ``create_async_engine``),
-    for migrations, revision reads and tools; the store itself does not use one.  On
-    PostgreSQL it connects as the store does (see ``urls.asyncpg_dsn``): SQLAlchemy
-    would pass a server setting in the query to asyncpg as an unknown keyword.
-    Connecting waits at most the URL's deadline; the statements of a migration may take
-    longer, and are not bounded."""
-    if not url.startswith("postgresql"):
-        return create_async_engine(driver_url(url), **options)
-    dsns = asyncpg_dsns(url)
-    timeout = url_deadline(url)
-    return create_async_engine(
-        driver_url(url),
-        async_creator=lambda: hosts.connect_in_order(dsns, timeout),
-        **options,
-    )
-
-
 def snapshot(revision: str, dialect: str) -> list[str]:
     """The statements of ``snapshots/<revision>_<dialect>.sql`` in the migrations: what
     a revision creates, written out whole, for its migration to run one by one."""
@@ -150,3 +132,21 @@ async def database_revisions(
             )
     finally:
         await engine.dispose()
+
+
+def engine_for(url: str, **options: Any) -> AsyncEngine:
+    """A SQLAlchemy engine on a checked URL (``options`` go to ``create_async_engine``),
+    for migrations, revision reads and tools; the store itself does not use one.  On
+    PostgreSQL it connects as the store does (see ``urls.asyncpg_dsn``): SQLAlchemy
+    would pass a server setting in the query to asyncpg as an unknown keyword.
+    Connecting waits at most the URL's deadline; the statements of a migration may take
+    longer, and are not bounded."""
+    if not url.startswith("postgresql"):
+        return create_async_engine(driver_url(url), **options)
+    dsns = asyncpg_dsns(url)
+    timeout = url_deadline(url)
+    return create_async_engine(
+        driver_url(url),
+        async_creator=lambda: hosts.connect_in_order(dsns, timeout),
+        **options,
+    )

@@ -364,7 +364,7 @@ class Backend(abc.ABC):
 
 #: When the call the running task makes gives up (event loop time), if a caller up the
 #: stack set it: a batch runs until its earliest caller's deadline, and an operation
-#: run inside another (the version check before the first) shares the outer deadline.
+#: run inside another (the schema check before the first) shares the outer deadline.
 _gives_up_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "ordering_gives_up_at", default=None
 )
