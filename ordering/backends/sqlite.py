@@ -48,15 +48,14 @@ from .base import (
     BeginRequest,
     Begun,
     CompleteRequest,
-    Connections,
     ParkRequest,
     Refused,
     Rows,
     StatementListener,
     check_schema_rows,
-    seconds_left,
 )
 from .batching import Batcher
+from .pool import Connections, seconds_left
 
 logger = logging.getLogger(__name__)
 
