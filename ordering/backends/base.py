@@ -325,6 +325,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def dispose(self) -> None: ...
 
+    def abandon(self) -> None:
+        """Let go of the connections at once, awaiting nothing: for a backend whose
+        event loop was closed without disposing of it first."""
+        self.connections.abandon()
+
 
 async def _logged(cleanup: Coroutine[Any, Any, None]) -> None:
     try:

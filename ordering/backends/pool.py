@@ -222,6 +222,18 @@ class Connections(Generic[C], abc.ABC):
         for connection, _ in idle:
             await self.close(connection)
 
+    def abandon(self) -> None:
+        """Forget the idle connections of a closed event loop, closing those that close
+        without it (``close_now``); the others go with their finalizers."""
+        idle, self._idle = self._idle, []
+        self._closing_timer = None  # a timer of a closed loop never fires
+        for connection, _ in idle:
+            self.close_now(connection)
+
+    def close_now(self, connection: C) -> None:
+        """Close a connection without its event loop, if the driver can (SQLite's can;
+        an asyncpg connection needs its loop to close its socket)."""
+
     def _drop_idle(self) -> None:
         """The server may have dropped every connection: drop the idle ones too."""
         idle, self._idle = self._idle, []

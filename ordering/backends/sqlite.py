@@ -171,6 +171,9 @@ class SqliteConnections(Connections[sqlite3.Connection]):
         except sqlite3.Error:
             logger.debug("closing a SQLite connection failed", exc_info=True)
 
+    def close_now(self, connection: sqlite3.Connection) -> None:
+        self.discard(connection)
+
     def is_usable(self, connection: sqlite3.Connection) -> bool:
         return True
 
