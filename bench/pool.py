@@ -8,7 +8,8 @@ What a switch to ``asyncpg.create_pool`` would gain or cost, measured in one run
   attempt, retry bookkeeping included) is timed beside asyncpg's pool with its default
   reset on release (``Connection.reset()``: one query per release) and with a reset
   that does nothing.  The rounds are interleaved and the median is reported, as
-  microseconds per operation and as a ratio to the store's pool.
+  microseconds per operation (wall clock, and this process's CPU) and as ratios to
+  the store's pool.
 - a fault: a host that accepts TCP connections and never answers (a hung server, a
   half-open path), alone and as the first of two hosts before a working one.  How long
   a call with a 3 s deadline takes, and whether it got through.
@@ -74,11 +75,13 @@ async def _no_reset(connection: Any) -> None:
     return None
 
 
-async def _timed(work: Worker, tasks: int, operations: int) -> float:
-    """Microseconds per operation, wall clock, with ``tasks`` tasks at once."""
-    start = time.perf_counter()
+async def _timed(work: Worker, tasks: int, operations: int) -> tuple[float, float]:
+    """Microseconds per operation with ``tasks`` tasks at once: wall clock, and this
+    process's CPU (user and system; steadier than the wall clock on a shared machine)."""
+    cpu, start = time.process_time(), time.perf_counter()
     await asyncio.gather(*(work(operations) for _ in range(tasks)))
-    return (time.perf_counter() - start) / (tasks * operations) * 1e6
+    count = tasks * operations
+    return (time.perf_counter() - start) / count * 1e6, (time.process_time() - cpu) / count * 1e6
 
 
 async def _overhead(url: str, tasks: int, operations: int, rounds: int) -> None:
@@ -102,16 +105,24 @@ async def _overhead(url: str, tasks: int, operations: int, rounds: int) -> None:
                 kinds[f"asyncpg pool, {reset}"] = _asyncpg(pool, statement)
             for work in kinds.values():  # warm up: every connection opened
                 await _timed(work, tasks, 5)
-            figures: dict[str, list[float]] = {kind: [] for kind in kinds}
+            walls: dict[str, list[float]] = {kind: [] for kind in kinds}
+            cpus: dict[str, list[float]] = {kind: [] for kind in kinds}
             for _ in range(rounds):
                 for kind, work in kinds.items():
-                    figures[kind].append(await _timed(work, tasks, operations))
+                    wall, cpu = await _timed(work, tasks, operations)
+                    walls[kind].append(wall)
+                    cpus[kind].append(cpu)
             what = "SELECT 1" if statement else "no statement (take and give back)"
             print(f"\n{what}, {tasks} tasks, {MAX_CONNECTIONS} connections, median of {rounds}")
-            base = statistics.median(figures["store's pool"])
-            for kind, values in figures.items():
-                median = statistics.median(values)
-                print(f"  {kind:32} {median:8.1f} us/op   x{median / base:5.2f}")
+            print(f"  {'':32} {'wall us/op':>10} {'ratio':>6} {'CPU us/op':>10} {'ratio':>6}")
+            wall_base = statistics.median(walls["store's pool"])
+            cpu_base = statistics.median(cpus["store's pool"])
+            for kind in kinds:
+                wall, cpu = statistics.median(walls[kind]), statistics.median(cpus[kind])
+                print(
+                    f"  {kind:32} {wall:10.1f} {wall / wall_base:6.2f} "
+                    f"{cpu:10.1f} {cpu / cpu_base:6.2f}"
+                )
     finally:
         await ours.close_idle()
         for pool in pools.values():
