@@ -10,7 +10,7 @@ import os
 import threading
 import warnings
 import weakref
-from typing import Any
+from collections.abc import Callable
 
 from ordering import CausalOrdering, ReceivedEvent
 
@@ -57,7 +57,7 @@ def _sessions(url: str) -> int:
     return int(count)
 
 
-def _in_threads(count: int, run: Any) -> list[LoopRef]:
+def _in_threads(count: int, run: Callable[[], LoopRef]) -> list[LoopRef]:
     found: list[LoopRef] = []
     errors: list[BaseException] = []
 
