@@ -273,9 +273,11 @@ class _Database:
     """The last waiting-followers figures of one database, and how to refresh them."""
 
     system: str
-    backends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Backend] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
+    #: Each loop's backend, weakly both: a backend refers to its loop, and a loop
+    #: that is gone must take its backend with it.
+    backends: weakref.WeakKeyDictionary[
+        asyncio.AbstractEventLoop, weakref.ReferenceType[Backend]
+    ] = field(default_factory=weakref.WeakKeyDictionary)
     #: scope -> (waiting followers, received time of the oldest one)
     found: dict[str, tuple[int, datetime | None]] = field(default_factory=dict)
     asked_at: float = float("-inf")
@@ -295,7 +297,7 @@ def watch(key: str, backend: Backend) -> None:
         database = _databases.get(key)
         if database is None:
             database = _databases[key] = _Database(system_of(backend.url))
-        database.backends[loop] = backend
+        database.backends[loop] = weakref.ref(backend)
 
 
 def _refresh_due(now: float) -> None:
@@ -306,8 +308,9 @@ def _refresh_due(now: float) -> None:
     for database in databases:
         if database.running or now - database.asked_at < WAITING_INTERVAL:
             continue
-        for loop, backend in list(database.backends.items()):
-            if loop.is_closed() or not loop.is_running():
+        for loop, backend_ref in list(database.backends.items()):
+            backend = backend_ref()
+            if backend is None or loop.is_closed() or not loop.is_running():
                 continue
             database.running, database.asked_at = True, now
             try:
@@ -381,7 +384,8 @@ async def refresh_waiting() -> None:
     with _databases_lock:
         databases = list(_databases.values())
     for database in databases:
-        backend = database.backends.get(loop)
+        backend_ref = database.backends.get(loop)
+        backend = None if backend_ref is None else backend_ref()
         if backend is not None:
             database.asked_at = time.monotonic()
             database.running = True

@@ -85,7 +85,11 @@ class LeaseKeeper:
             task.cancel()
 
 
-_keepers: Registry[LeaseKeeper] = Registry()
+async def _closed(found: LeaseKeeper) -> None:
+    found.close()
+
+
+_keepers: Registry[LeaseKeeper] = Registry(dispose=_closed)
 
 
 def keeper() -> LeaseKeeper:

@@ -26,7 +26,9 @@ from .base import (
 from .postgresql import PostgresBackend
 from .sqlite import SqliteBackend
 
-_registry: Registry[Backend] = Registry()
+_registry: Registry[Backend] = Registry(
+    dispose=lambda backend: backend.dispose(), abandon=lambda backend: backend.abandon()
+)
 
 
 def backend_for(url: str, schema: str | None = None) -> Backend:

@@ -13,7 +13,7 @@ than a lost database, its calls are tried again one at a time, so that an error 
 on the call that caused it.
 
 A queued call's deadline runs from when it was made: its round trip gives up at the
-earliest deadline of the calls it carries (see base.py).
+earliest deadline of the calls it carries (see pool.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ..exceptions import OrderingError
-from .base import gives_up_at_most, giving_up_at
+from .pool import gives_up_at_most, giving_up_at
 
 logger = logging.getLogger(__name__)
 

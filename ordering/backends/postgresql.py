@@ -37,15 +37,14 @@ from .base import (
     BeginRequest,
     Begun,
     CompleteRequest,
-    Connections,
     ParkRequest,
     Refused,
     Rows,
     StatementListener,
     require_served_revision,
-    seconds_left,
 )
 from .batching import Batcher
+from .pool import Connections, seconds_left
 
 logger = logging.getLogger(__name__)
 

@@ -48,15 +48,14 @@ from .base import (
     BeginRequest,
     Begun,
     CompleteRequest,
-    Connections,
     ParkRequest,
     Refused,
     Rows,
     StatementListener,
     require_served_revision,
-    seconds_left,
 )
 from .batching import Batcher
+from .pool import Connections, seconds_left
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +170,9 @@ class SqliteConnections(Connections[sqlite3.Connection]):
             connection.close()
         except sqlite3.Error:
             logger.debug("closing a SQLite connection failed", exc_info=True)
+
+    def close_now(self, connection: sqlite3.Connection) -> None:
+        self.discard(connection)
 
     def is_usable(self, connection: sqlite3.Connection) -> bool:
         return True
