@@ -8,9 +8,24 @@
 -- The hot path ------------------------------------------------------------------------
 
 -- name: begin(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
--- Take the lease unless the event was seen already (SQLite serializes writers, so
--- checking first is safe here) and look at the leader in the same statement.  No row:
--- someone else holds a live lease, or the event was seen (the seen statement tells which).
+-- Take a free lease, or our own again, unless the event was seen already (SQLite
+-- serializes writers, so checking first is safe here) and look at the leader in the
+-- same statement.  No row: someone else holds a lease, live or expired, or the event
+-- was seen (the seen statement tells which; take_over takes an expired lease).
+INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
+SELECT ?1, ?2, ?4, ?5, ?6
+WHERE NOT (?8 AND {seen(?1, ?2, ?7)})
+ON CONFLICT (scope, event_id) DO UPDATE
+SET acquired_at = excluded.acquired_at, expires_at = excluded.expires_at, has_waiters = 0
+WHERE l.owner = excluded.owner
+RETURNING {seen(?1, ?3, ?7)}, {in_flight(?1, ?3, ?5)}
+
+-- name: take_over(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
+-- begin's second step, once begin found another owner's lease: take it if it has
+-- expired (its worker died or stalled).  Taking over is a separate statement so that
+-- it can be counted (RETURNING sees only the row as written).  It applies
+-- take_over_lease in full, so a lease that changed hands or went between the two
+-- statements is still taken rightly; only the count may then be one too many.
 INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
 SELECT ?1, ?2, ?4, ?5, ?6
 WHERE NOT (?8 AND {seen(?1, ?2, ?7)})
