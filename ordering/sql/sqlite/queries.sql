@@ -142,9 +142,11 @@ SELECT oldest_code_revision FROM ordering_code_compatibility LIMIT 1
 
 -- Operators: status, listing, prune, replay --------------------------------------
 
--- name: seen_counts(scope, seen_after)
+-- name: seen_counts(scope, seen_after, since)
+-- Live and expired, and those seen after since (for the rate `status --watch` shows).
 SELECT s.scope, count(*) FILTER (WHERE {seen_since(s, ?2)}),
-       count(*) FILTER (WHERE NOT ({seen_since(s, ?2)}))
+       count(*) FILTER (WHERE NOT ({seen_since(s, ?2)})),
+       count(*) FILTER (WHERE {seen_since(s, ?3)})
 FROM ordering_seen_events s WHERE ?1 IS NULL OR s.scope = ?1
 GROUP BY s.scope
 
