@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ordering.backends import dispose_backends
+from ordering.urls import with_prune_interval
 
 from .databases import admin_url, postgres_database, sqlite_database
 from .sql import run_consumers, run_workload, warm_up
@@ -54,6 +55,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--events", type=int, default=1000, help="N (default 1000)")
     parser.add_argument("--pg-url", default=None, help="as for python -m bench")
+    parser.add_argument(
+        "--prune-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the store's ?prune_interval= (default: the store's, 60 s; 0: pruning off)",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -102,6 +110,11 @@ def _database(dialect: str, pg_url: str | None) -> Iterator[str]:
             yield url
 
 
+def _store_url(url: str, prune_interval: float | None) -> str:
+    """The database's URL with the prune interval asked for, if any."""
+    return url if prune_interval is None else with_prune_interval(url, prune_interval)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     if args.child:
@@ -118,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     for dialect in args.dialect or ["sqlite", "postgresql"]:
         for workload in args.workload or ["independent"]:
             for c in consumers if workload == "independent" else [1]:
-                with _database(dialect, args.pg_url) as url:
+                with _database(dialect, args.pg_url) as database:
+                    url = _store_url(database, args.prune_interval)
                     once = _collected(url, dialect, workload, c, n)
                     twice = _collected(url, dialect, workload, c, 2 * n)
                 print(f"| {dialect} | {workload} | {c} | {(twice - once) / n:,.0f} |", flush=True)

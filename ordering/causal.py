@@ -361,6 +361,8 @@ class CausalOrdering(Generic[E]):
         )
         if not isinstance(taken, Begun):
             return False
+        if taken.took_over:
+            self._took_over(event)
         _hold(self._key(lease_id), _Lease(owner))
         return True
 
@@ -463,7 +465,14 @@ class CausalOrdering(Generic[E]):
             raise EventBeingProcessed(event)
         assert isinstance(taken, Begun)
         metrics.EVENTS_BEGUN.add(1, self._metric_attributes)
+        if taken.took_over:
+            self._took_over(event)
         return taken
+
+    def _took_over(self, event: Any) -> None:
+        """Count and log a lease taken from an owner that let it expire."""
+        metrics.LEASES_TAKEN_OVER.add(1, self._metric_attributes)
+        self._log(event, "was taken over from a lease that expired (its worker died or stalled)")
 
     def _keep(self, backend: Backend, owner: str) -> int:
         """Have the owner's leases and claims renewed while its body runs long (see

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -47,6 +47,9 @@ from .urls import DEFAULT_URL, URL_ENV, resolve_url, safe_url
 
 Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
+
+#: Seconds between two refreshes of `ordering status --watch` when none are given.
+DEFAULT_WATCH_SECONDS = 2.0
 
 #: Exit status of `ordering check` when this code cannot run on the database, and of
 #: any command that fails; argparse uses 2 for a bad command line.
@@ -96,6 +99,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
 
 
@@ -333,6 +346,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return _watch_status(args)
     now = args.now or utc_now()
     url = resolve_url(args.url)
     scopes = _run(admin.status(url, scope=args.scope, now=now))
@@ -353,6 +368,100 @@ def cmd_status(args: argparse.Namespace) -> int:
         "expired, are what get_lost_followers() hands out next."
     )
     return 0
+
+
+#: Columns of `ordering status --watch`.
+WATCH_HEADERS = (
+    "scope",
+    "seen/s",
+    "pruned/s",
+    "leases live",
+    "leases expired",
+    "waiting",
+    "change",
+    "oldest waiting",
+)
+#: Moves the cursor home and clears the screen: each refresh redraws a terminal.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """Print the status every ``args.watch`` seconds until Ctrl-C, which exits 0."""
+    url = resolve_url(args.url)
+    if args.json:
+        show = partial(_watch_json, safe_url(url))
+    else:
+        show = partial(_watch_text, safe_url(url), args.watch, sys.stdout.isatty())
+
+    async def watch() -> None:
+        async for refresh in admin.watch(url, every=args.watch, scope=args.scope):
+            show(refresh)
+            sys.stdout.flush()
+
+    with suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        _run(watch())
+    return 0
+
+
+def _watch_text(url: str, every: float, terminal: bool, refresh: admin.Refresh) -> None:
+    """One block a refresh: a terminal is cleared first, a pipe or a log gets the
+    blocks one after another, a blank line apart."""
+    if terminal:
+        sys.stdout.write(CLEAR_SCREEN)
+    elif refresh.seconds is not None:
+        sys.stdout.write("\n")
+    print(
+        f"ordering status of {url} at {_time(refresh.now)} UTC, every {every:g} s"
+        + (" (Ctrl-C to stop)" if terminal else "")
+    )
+    if refresh.seconds is not None:
+        print(f"rates over the last {refresh.seconds:.1f} s")
+    if not refresh.scopes:
+        print("(no scope holds any rows)")
+        return
+    print()
+    table = _table(WATCH_HEADERS, right=WATCH_HEADERS[1:])
+    for s in refresh.scopes:
+        change = refresh.changes.get(s.scope)
+        oldest = s.oldest_waiting
+        table.add_row(
+            s.scope,
+            "-" if change is None else f"{change.seen_per_second:.1f}",
+            "-" if change is None else f"{change.pruned_per_second:.1f}",
+            str(s.leases_live),
+            str(s.leases_expired),
+            str(s.waiting),
+            "-" if change is None else f"{change.waiting:+d}",
+            "-" if oldest is None else _age(oldest.age),
+        )
+    print_table(table)
+
+
+def _watch_json(url: str, refresh: admin.Refresh) -> None:
+    """One JSON object a line: what ``status --json`` prints, and per scope what changed
+    since the line before (null on the first)."""
+    scopes = []
+    for s in refresh.scopes:
+        change = refresh.changes.get(s.scope)
+        scopes.append(
+            {
+                **s.to_json(),
+                "change": None
+                if change is None
+                else {
+                    "seen_per_second": change.seen_per_second,
+                    "pruned_per_second": change.pruned_per_second,
+                    "waiting": change.waiting,
+                },
+            }
+        )
+    line = {
+        "url": url,
+        "now": refresh.now.isoformat(),
+        "seconds": refresh.seconds,
+        "scopes": scopes,
+    }
+    sys.stdout.write(json.dumps(line) + "\n")
 
 
 def cmd_followers(args: argparse.Namespace) -> int:
@@ -524,7 +633,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_now(parser: argparse.ArgumentParser) -> None:
+def _add_now(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup) -> None:
     # For tests and investigations: judge expiry as of this time instead of the wall
     # clock, as an ordering with clock= would.  Documented in the README, not in --help.
     parser.add_argument("--now", type=_aware_time, default=None, help=argparse.SUPPRESS)
@@ -555,8 +664,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.add_argument("--scope", help="only this scope (default: every scope with rows)")
-    p.add_argument("--json", action="store_true", help="print JSON for machines")
-    _add_now(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON for machines (with --watch, one object a line)",
+    )
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--watch",
+        nargs="?",
+        const=DEFAULT_WATCH_SECONDS,
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {DEFAULT_WATCH_SECONDS:g}) until Ctrl-C, with "
+        "the rates since the refresh before: events seen and pruned per second, the change "
+        "in waiting followers",
+    )
+    _add_now(when)
     p.set_defaults(run=cmd_status)
 
     p = commands.add_parser(

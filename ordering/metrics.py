@@ -151,6 +151,12 @@ EVENTS_REFUSED = _counter(
     description="Deliveries refused: another holder has a live lease (reason=held_elsewhere) "
     "or the event was processed already (reason=already_processed)",
 )
+LEASES_TAKEN_OVER = _counter(
+    "ordering.leases.taken_over",
+    unit="{lease}",
+    description="Leases taken at begin from another owner that had let them expire "
+    "(a worker that died or stalled mid-event)",
+)
 FOLLOWERS_LOST = _counter(
     "ordering.followers.lost",
     unit="{event}",

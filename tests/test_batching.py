@@ -21,6 +21,7 @@ from ordering.backends import (
     Claim,
     CompleteRequest,
     ParkRequest,
+    Refused,
     backend_for,
 )
 from ordering.backends.base import Rows
@@ -273,6 +274,39 @@ async def test_postgresql_begins_at_once_share_round_trips_and_one_wins_each_eve
         )
     )
     assert all(seen)
+    await backend.clear(scope=scope)
+
+
+async def test_begin_tells_a_lease_taken_over_from_a_fresh_one_or_its_own(
+    db_url: str, clock: MutableClock
+) -> None:
+    """Only a lease another owner let expire is taken over: not a fresh lease, not an
+    owner's own taken again (a retried statement), not a live one (refused).  One call
+    alone and a dozen at once (on PostgreSQL a batch) answer alike."""
+    backend = backend_for(db_url)
+    scope = f"takeover-{uuid4().hex[:8]}"
+    now = clock()
+    expired, live, own = uuid4(), uuid4(), uuid4()
+    many = [uuid4() for _ in range(12)]
+    for event_id in [expired, *many]:
+        stale = _lease(scope, event_id, "dead", now - timedelta(minutes=5))
+        assert await backend.begin(stale) == Begun(False, False)
+    assert await backend.begin(_lease(scope, live, "alive", now)) == Begun(False, False)
+    assert await backend.begin(_lease(scope, own, "n", now)) == Begun(False, False)
+
+    assert await backend.begin(_lease(scope, expired, "n", now)) == Begun(False, False, True)
+    assert await backend.begin(_lease(scope, own, "n", now)) == Begun(False, False, False)
+    assert await backend.begin(_lease(scope, live, "n", now)) is Refused.HELD_ELSEWHERE
+    assert await backend.begin(_lease(scope, uuid4(), "n", now)) == Begun(False, False, False)
+
+    with statements_of(backend) as log:
+        answers = await asyncio.gather(
+            *(backend.begin(_lease(scope, event_id, "m", now)) for event_id in many),
+            *(backend.begin(_lease(scope, uuid4(), "m", now)) for _ in range(4)),
+        )
+    assert answers == [Begun(False, False, True)] * 12 + [Begun(False, False, False)] * 4
+    if db_url.startswith("postgresql"):
+        assert log.count("begin_batch") >= 1, log.names
     await backend.clear(scope=scope)
 
 

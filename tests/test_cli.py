@@ -10,8 +10,10 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from ordering import SEEN_EXPIRATION, CausalOrdering, ReceivedEvent, SchemaError, dispose
-from ordering.cli import build_parser, main
+from ordering import SEEN_EXPIRATION, CausalOrdering, ReceivedEvent, SchemaError, admin, dispose
+from ordering.admin import Refresh, ScopeStatus
+from ordering.cli import CLEAR_SCREEN, WATCH_HEADERS, _watch_text, build_parser, main
 from ordering.migrate import head_revision, upgrade
+from ordering.models import utc_now
 
 from .helpers import MutableClock, assert_causal, make_chain, make_event
 
@@ -426,6 +430,119 @@ def test_prune_deletes_only_expired_rows(
         _clear(db_url, scope)
 
 
+# -- status --watch, a real process -------------------------------------------------
+
+#: Seconds a watch's next line may take: the interpreter starts, connects and queries
+#: on a machine that may be busy.
+WATCH_PATIENCE = 60.0
+
+
+class Watch:
+    """`ordering status --watch ...` running in a process of its own, its output a pipe."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def line(self) -> str:
+        assert self.process.stdout is not None
+        raw = await asyncio.wait_for(self.process.stdout.readline(), WATCH_PATIENCE)
+        assert raw, "the watch ended before printing the next line"
+        return raw.decode()
+
+    async def interrupt(self) -> tuple[int, str, str]:
+        """Ctrl-C: its exit status, and the rest of its stdout and its stderr."""
+        self.process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(self.process.communicate(), WATCH_PATIENCE)
+        assert self.process.returncode is not None
+        return self.process.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def watching(*args: str) -> AsyncIterator[Watch]:
+    assert CONSOLE_SCRIPT.exists(), f"the console script is not installed at {CONSOLE_SCRIPT}"
+    env = {k: v for k, v in os.environ.items() if k != "ORDERING_DATABASE_URL"}
+    process = await asyncio.create_subprocess_exec(
+        str(CONSOLE_SCRIPT),
+        "status",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        yield Watch(process)
+    finally:
+        if process.returncode is None:  # a failed test: leave no process behind
+            process.kill()
+            await process.wait()
+
+
+async def test_status_watch_prints_json_lines_with_rates_until_ctrl_c(
+    db_url: str, scope: str
+) -> None:
+    """Rows seen and pruned between two refreshes appear in the rates of the lines
+    that follow: summed over those lines, rate times seconds gives the rows."""
+    past = MutableClock(utc_now() - 2 * SEEN_EXPIRATION)
+    earlier = CausalOrdering(scope, url=db_url, clock=past)
+    for _ in range(3):
+        await earlier.record_event_as_seen(make_event(past))
+    ordering = CausalOrdering(scope, url=db_url)  # the wall clock, as the watch's
+    async with watching("--url", db_url, "--scope", scope, "--json", "--watch", "1") as watch:
+        first = json.loads(await watch.line())
+        [found] = first["scopes"]
+        assert first["seconds"] is None and found["change"] is None
+        assert found["seen"] == {"live": 0, "expired": 3}
+        for _ in range(4):
+            await ordering.record_event_as_seen(make_event(utc_now))
+        assert (await admin.prune(db_url, scope=scope)).seen_events == 3
+        seen = pruned = 0.0
+        while found["seen"] != {"live": 4, "expired": 0}:
+            line = json.loads(await watch.line())
+            [found] = line["scopes"]
+            assert line["seconds"] > 0 and line["url"] == first["url"]
+            seen += found["change"]["seen_per_second"] * line["seconds"]
+            pruned += found["change"]["pruned_per_second"] * line["seconds"]
+            assert found["change"]["waiting"] == 0
+        code, rest, err = await watch.interrupt()
+    assert (round(seen, 6), round(pruned, 6)) == (4, 3)
+    assert (code, err) == (0, "")
+    assert all(json.loads(line)["scopes"] for line in rest.splitlines())
+    await ordering.clear()
+
+
+async def test_status_watch_piped_prints_one_block_a_refresh_until_ctrl_c(
+    db_url: str, scope: str
+) -> None:
+    ordering = CausalOrdering(scope, url=db_url)
+    await ordering.record_event_as_seen(make_event(utc_now))
+    async with watching("--url", db_url, "--scope", scope, "--watch", "0.5") as watch:
+        lines = [await watch.line() for _ in range(10)]
+        code, rest, err = await watch.interrupt()
+    assert (code, err) == (0, "")
+    assert "\x1b" not in "".join(lines) + rest  # no terminal codes in a pipe or a log
+    first, second = lines[:4], lines[4:]
+    assert first[0].startswith("ordering status of ") and first[0].endswith("every 0.5 s\n")
+    assert re.split(r"\s{2,}", first[2].strip()) == list(WATCH_HEADERS)
+    assert first[3].split() == [scope, "-", "-", "0", "0", "0", "-", "-"]
+    assert second[0] == "\n"  # blocks a blank line apart
+    assert second[1].startswith("ordering status of ")
+    assert second[2].startswith("rates over the last ")
+    assert second[5].split() == [scope, "0.0", "0.0", "0", "0", "0", "+0", "-"]
+    await ordering.clear()
+
+
+def test_status_watch_on_a_terminal_clears_it_before_each_refresh(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    refresh = Refresh(utc_now(), [ScopeStatus("s", seen_live=2)])
+    for _ in range(2):
+        _watch_text("sqlite+aiosqlite:///x.db", 2.0, True, refresh)
+    blocks = capsys.readouterr().out.split(CLEAR_SCREEN)
+    assert blocks[0] == "" and len(blocks) == 3
+    assert blocks[1] == blocks[2] and blocks[1].startswith("ordering status of ")
+    assert "(Ctrl-C to stop)" in blocks[1]
+
+
 # -- errors and help ----------------------------------------------------------------
 
 
@@ -479,6 +596,13 @@ def test_bad_options_are_refused_by_the_parser_in_one_line(
             "has no timezone: add Z",
         ),
         (["status", "--now", "yesterday"], "argument --now: not an ISO 8601 time: 'yesterday'"),
+        (["status", "--watch", "0"], "argument --watch: must be a positive number of seconds"),
+        (["status", "--watch", "abc"], "argument --watch: must be a positive number of seconds"),
+        (["status", "--watch", "-1"], "argument --watch: must be a positive number of seconds"),
+        (
+            ["status", "--watch", "--now", "2026-01-05T09:00:00Z"],
+            "argument --now: not allowed with argument --watch",
+        ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ):
         with pytest.raises(SystemExit) as exit_:

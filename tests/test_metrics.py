@@ -142,6 +142,31 @@ async def test_a_lease_held_elsewhere_is_refused_by_reason(
     await ordering.clear()
 
 
+async def test_a_lease_taken_over_after_its_worker_stalled_is_counted(
+    reader: InMemoryMetricReader, db_url: str, clock: MutableClock, scope: str
+) -> None:
+    stalled = CausalOrdering(scope, url=db_url, clock=clock, lease_duration=timedelta(seconds=30))
+    survivor = CausalOrdering(scope, url=db_url, clock=clock)
+    consumer = Consumer(survivor)
+    event, other = make_event(clock), make_event(clock)
+    assert await stalled.record_event_as_processing(event)
+    assert await stalled.record_event_as_processing(other)
+    clock.advance(timedelta(seconds=29))
+    with pytest.raises(EventBeingProcessed):  # still live: refused, not taken over
+        async with survivor.preceding_event_confirmed(consumer.handler, event):
+            pass
+    assert await consumer.consume(make_event(clock))  # a fresh lease
+    assert _value(_points(reader), "ordering.leases.taken_over", scope=scope) == 0
+
+    clock.advance(timedelta(seconds=1))
+    assert await consumer.consume(event)
+    assert await survivor.record_event_as_processing(other)
+    points = _points(reader)
+    assert _value(points, "ordering.leases.taken_over", scope=scope) == 2
+    assert _value(points, "ordering.events.begun", scope=scope) == 2
+    await survivor.clear()
+
+
 async def test_waiting_followers_and_lost_ones_are_reported(
     reader: InMemoryMetricReader, db_url: str, clock: MutableClock, scope: str
 ) -> None:
@@ -210,7 +235,7 @@ def test_rows_pruned_are_counted_by_table(reader: InMemoryMetricReader) -> None:
 
 def test_every_instrument_is_named_under_ordering_with_a_unit_and_description() -> None:
     instruments = store_metrics.INSTRUMENTS.values()
-    assert len(instruments) == 13
+    assert len(instruments) == 14
     for instrument in instruments:
         assert instrument.name.startswith("ordering."), instrument.name
         assert instrument.unit, instrument.name

@@ -23,7 +23,7 @@ from .replay import (
     parse_line,
     replay,
 )
-from .status import OldestWaiting, ScopeStatus, status
+from .status import OldestWaiting, Refresh, ScopeChange, ScopeStatus, status, watch
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -32,9 +32,11 @@ __all__ = [
     "LineProblem",
     "OldestWaiting",
     "PruneResult",
+    "Refresh",
     "ReplayClock",
     "ReplayReport",
     "RevisionState",
+    "ScopeChange",
     "ScopeStatus",
     "WaitingFollower",
     "check_lines",
@@ -45,4 +47,5 @@ __all__ = [
     "replay",
     "revision_state",
     "status",
+    "watch",
 ]

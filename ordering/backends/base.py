@@ -74,6 +74,8 @@ class Begun:
 
     leader_seen: bool
     leader_in_flight: bool
+    #: The lease was another owner's and had expired: its worker died or stalled.
+    took_over: bool = False
 
 
 class Refused(enum.Enum):

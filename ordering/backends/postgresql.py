@@ -352,11 +352,13 @@ class PostgresBackend(Backend):
         await self._fetch("clear", scope=scope)
 
 
-def _begun(already_seen: bool, leader_seen: bool, leader_in_flight: bool) -> Begun | Refused:
-    """What a row of begin_event_v1 (or begin_events_v2) says."""
+def _begun(
+    already_seen: bool, leader_seen: bool, leader_in_flight: bool, took_over: bool
+) -> Begun | Refused:
+    """What a row of the begin (or begin_batch) statement says."""
     if already_seen:
         return Refused.ALREADY_SEEN
-    return Begun(bool(leader_seen), bool(leader_in_flight))
+    return Begun(bool(leader_seen), bool(leader_in_flight), bool(took_over))
 
 
 def _columns(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:

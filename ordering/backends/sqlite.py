@@ -347,6 +347,9 @@ class SqliteBackend(Backend):
             }
             if request.refuse_seen and execute("seen", seen)[0][0]:
                 return Refused.ALREADY_SEEN
+            rows = execute("take_over", params)
+            if rows:
+                return Begun(bool(rows[0][0]), bool(rows[0][1]), took_over=True)
             return Refused.HELD_ELSEWHERE
 
         return await self._run(work, name="begin")

@@ -5,16 +5,24 @@
 -- The hot path: one round trip each ---------------------------------------------
 
 -- name: begin(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
-SELECT already_seen, leader_seen, leader_in_flight
-FROM begin_event_v1($1, $2, $3, $4, $5, $6, $7, $8)
+-- The last column: the lease was another owner's and had expired (its worker died or
+-- stalled).  This statement reads with the snapshot it started with, and the function's
+-- writes are later commands of the transaction, so it sees the lease as it was before
+-- the function took it.
+SELECT b.already_seen, b.leader_seen, b.leader_in_flight,
+       {expired_elsewhere($1, $2, $4, $5)}
+FROM begin_event_v1($1, $2, $3, $4, $5, $6, $7, $8) AS b
 
 -- name: complete(scope, event_id, owner, now, claim_owner, claim_until, is_follower, seen_until)
 SELECT released_event FROM complete_event_v2($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: begin_batch(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
--- begin for many events: each parameter an array, one element per event.
-SELECT item, already_seen, leader_seen, leader_in_flight
-FROM begin_events_v2($1, $2, $3, $4, $5, $6, $7, $8)
+-- begin for many events: each parameter an array, one element per event; the last
+-- column as begin's.
+SELECT b.item, b.already_seen, b.leader_seen, b.leader_in_flight,
+       {expired_elsewhere(($1::text[])[b.item], ($2::uuid[])[b.item], ($4::text[])[b.item],
+                          ($5::timestamptz[])[b.item])}
+FROM begin_events_v2($1, $2, $3, $4, $5, $6, $7, $8) AS b
 
 -- name: complete_batch(scope, event_id, owner, now, claim_owner, claim_until, is_follower, seen_until)
 SELECT item, released_event FROM complete_events_v3($1, $2, $3, $4, $5, $6, $7, $8)
@@ -131,9 +139,11 @@ SELECT oldest_code_revision FROM code_compatibility LIMIT 1
 
 -- Operators: status, listing, prune, replay --------------------------------------
 
--- name: seen_counts(scope, seen_after)
+-- name: seen_counts(scope, seen_after, since)
+-- Live and expired, and those seen after since (for the rate `status --watch` shows).
 SELECT s.scope, count(*) FILTER (WHERE {seen_since(s, $2)}),
-       count(*) FILTER (WHERE NOT ({seen_since(s, $2)}))
+       count(*) FILTER (WHERE NOT ({seen_since(s, $2)})),
+       count(*) FILTER (WHERE {seen_since(s, $3)})
 FROM seen_events s WHERE $1::text IS NULL OR s.scope = $1
 GROUP BY s.scope
 

@@ -44,6 +44,13 @@ ON CONFLICT (scope, event_id) DO UPDATE
 -- The lease row is the event's and the owner holds it: what releasing a lease deletes.
 {lease}.scope = {scope} AND {lease}.event_id = {event_id} AND {lease}.owner = {owner}
 
+-- rule: expired_elsewhere(scope, event_id, owner, now)
+-- Another owner holds the event's lease and it has expired: taking it is taking over
+-- (what ordering.leases.taken_over counts).
+EXISTS (SELECT 1 FROM processing_leases p
+        WHERE p.scope = {scope} AND p.event_id = {event_id} AND p.owner <> {owner}
+          AND {lease_expired(p, {now})})
+
 -- rule: in_flight(scope, event_id, now)
 -- Someone holds a live lease on the event: it is being processed.
 EXISTS (SELECT 1 FROM processing_leases p

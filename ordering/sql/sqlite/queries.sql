@@ -8,9 +8,24 @@
 -- The hot path ------------------------------------------------------------------------
 
 -- name: begin(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
--- Take the lease unless the event was seen already (SQLite serializes writers, so
--- checking first is safe here) and look at the leader in the same statement.  No row:
--- someone else holds a live lease, or the event was seen (the seen statement tells which).
+-- Take a free lease, or our own again, unless the event was seen already (SQLite
+-- serializes writers, so checking first is safe here) and look at the leader in the
+-- same statement.  No row: someone else holds a lease, live or expired, or the event
+-- was seen (the seen statement tells which; take_over takes an expired lease).
+INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
+SELECT ?1, ?2, ?4, ?5, ?6
+WHERE NOT (?8 AND {seen(?1, ?2, ?7)})
+ON CONFLICT (scope, event_id) DO UPDATE
+SET acquired_at = excluded.acquired_at, expires_at = excluded.expires_at, has_waiters = 0
+WHERE l.owner = excluded.owner
+RETURNING {seen(?1, ?3, ?7)}, {in_flight(?1, ?3, ?5)}
+
+-- name: take_over(scope, event_id, follows, owner, now, expires_at, seen_after, refuse_seen)
+-- begin's second step, once begin found another owner's lease: take it if it has
+-- expired (its worker died or stalled).  Taking over is a separate statement so that
+-- it can be counted (RETURNING sees only the row as written).  It applies
+-- take_over_lease in full, so a lease that changed hands or went between the two
+-- statements is still taken rightly; only the count may then be one too many.
 INSERT INTO ordering_processing_leases AS l (scope, event_id, owner, acquired_at, expires_at)
 SELECT ?1, ?2, ?4, ?5, ?6
 WHERE NOT (?8 AND {seen(?1, ?2, ?7)})
@@ -127,9 +142,11 @@ SELECT oldest_code_revision FROM ordering_code_compatibility LIMIT 1
 
 -- Operators: status, listing, prune, replay --------------------------------------
 
--- name: seen_counts(scope, seen_after)
+-- name: seen_counts(scope, seen_after, since)
+-- Live and expired, and those seen after since (for the rate `status --watch` shows).
 SELECT s.scope, count(*) FILTER (WHERE {seen_since(s, ?2)}),
-       count(*) FILTER (WHERE NOT ({seen_since(s, ?2)}))
+       count(*) FILTER (WHERE NOT ({seen_since(s, ?2)})),
+       count(*) FILTER (WHERE {seen_since(s, ?3)})
 FROM ordering_seen_events s WHERE ?1 IS NULL OR s.scope = ?1
 GROUP BY s.scope
 
