@@ -6,10 +6,11 @@ import resource
 from pathlib import Path
 
 
-def rss_kib() -> int:
-    """Resident set size now, in KiB (from /proc; the peak where /proc is missing)."""
+def rss_kib(pid: int | None = None) -> int:
+    """Resident set size now, in KiB, of this process or another (from /proc; this
+    process's peak where /proc is missing)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     except OSError:
