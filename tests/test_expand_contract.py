@@ -38,7 +38,6 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
@@ -55,6 +54,7 @@ from ordering.models import utc_now
 from ordering.schema import CODE_REVISION, resolve_schema
 
 from .deploy.worker import NEXT_REVISION, NOTE, Stats, next_release_backend
+from .fault.workload import make_chains
 
 T = TypeVar("T")
 
@@ -97,26 +97,6 @@ def table(url: str, name: str) -> str:
 # -- the workload ---------------------------------------------------------------------
 
 
-def make_chains(rng: random.Random) -> list[ReceivedEvent]:
-    """``CHAINS`` chains, each event following the one before it."""
-    received = utc_now()
-    events: list[ReceivedEvent] = []
-    for c in range(CHAINS):
-        previous: UUID | None = None
-        for i in range(CHAIN_LENGTH):
-            event = ReceivedEvent(
-                occurred=received - timedelta(seconds=CHAIN_LENGTH - i),
-                event=f"deploy.chain-{c}.step-{i}",
-                resource={"prefect.resource.id": f"deploy.resource.{c}"},
-                id=UUID(int=rng.getrandbits(128), version=4),
-                follows=previous,
-                received=received,
-            )
-            events.append(event)
-            previous = event.id
-    return events
-
-
 @dataclass
 class Workload:
     events: list[ReceivedEvent]
@@ -136,7 +116,7 @@ def make_workload(seed: int) -> Workload:
     in turn; then some events (of either half) delivered again to the worker that
     did not get them in the second half, each at a random place."""
     rng = random.Random(seed)
-    events = make_chains(rng)
+    events = make_chains(CHAINS, CHAIN_LENGTH, utc_now(), rng)
     stream = list(events)
     rng.shuffle(stream)
     half = len(stream) // 2
