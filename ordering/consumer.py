@@ -2,7 +2,8 @@
 
 A broker callback hands each delivered event to ``OrderedConsumer.deliver`` and
 acknowledges or redelivers the message as the returned ``Outcome`` says.  The consumer
-runs the seen check and ``preceding_event_confirmed`` around the user's handler, hands
+runs ``preceding_event_confirmed`` around the user's handler (whose first statement
+also refuses an event already seen, so a redelivery costs no extra round trip), hands
 the followers a leader releases to the same handler, and runs the lost-follower sweep
 (``get_lost_followers``) on its own, in a background task, every ``sweep_interval``.
 
@@ -239,8 +240,6 @@ class OrderedConsumer(Generic[E]):
 
     async def _deliver(self, event: E) -> Outcome:
         try:
-            if await self.ordering.event_has_been_seen(event):
-                return self._outcome(event, Verdict.DUPLICATE)
             await self.handle(event)
         except EventArrivedEarly as exc:
             if _about(exc, event.id):
