@@ -173,12 +173,20 @@ class Backend(abc.ABC):
     """
 
     dialect: str
-    url: str
-    listeners: list[StatementListener]
     connections: Connections[Any]
-    #: Deletes expired rows at the URL's prune interval (ordering/retention.py); made
-    #: by the first ordering that uses this backend.
-    pruner: Pruner | None = None
+
+    def __init__(self, url: str, queries: dict[str, Query], code_revision: str) -> None:
+        self.url = url
+        #: This dialect's statements (tests may swap one).
+        self.queries = queries
+        #: The revision this code was written for (tests may pose as another release).
+        self.code_revision = code_revision
+        self.listeners: list[StatementListener] = []
+        #: Deletes expired rows at the URL's prune interval (ordering/retention.py);
+        #: made by the first ordering that uses this backend.
+        self.pruner: Pruner | None = None
+        #: Leases and claims being given back in the background (``later``).
+        self._later: set[asyncio.Task[None]] = set()
 
     def start_pruning(self, clock: Callable[[], datetime]) -> Pruner:
         """This backend's pruner, started on the running loop if it was not yet."""
@@ -194,15 +202,13 @@ class Backend(abc.ABC):
     def later(self, cleanup: Coroutine[Any, Any, None]) -> None:
         """Run ``cleanup`` (giving back a lease or claims) in the background, within its
         own deadline; a failure is logged.  ``dispose`` waits for what is under way."""
-        tasks: set[asyncio.Task[None]] = self.__dict__.setdefault("_later", set())
         task = asyncio.get_running_loop().create_task(_logged(cleanup))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
 
     async def _settle_later(self) -> None:
-        tasks = self.__dict__.get("_later", set())
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._later:
+            await asyncio.gather(*self._later, return_exceptions=True)
 
     async def ping(self) -> None:
         """Open and close one connection, once, without retries: for a person or a

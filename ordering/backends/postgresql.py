@@ -16,7 +16,6 @@ PL/pgSQL function reads with a fresh snapshot).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -40,7 +39,6 @@ from .base import (
     ParkRequest,
     Refused,
     Rows,
-    StatementListener,
     require_served_revision,
 )
 from .batching import Batcher
@@ -176,11 +174,8 @@ class PostgresBackend(Backend):
         code_revision: str = CODE_REVISION,
         **options: Any,
     ) -> None:
-        self.url = url
+        super().__init__(url, queries or sql.queries("postgresql"), code_revision)
         self.schema = resolve_schema(schema)
-        self.queries = queries or sql.queries("postgresql")
-        self.code_revision = code_revision
-        self.listeners: list[StatementListener] = []
         self.connections = PostgresConnections(url, self.schema, **options)
         self.connections.before_first_use = self.check_version
         self.notifications = Notifications(
@@ -193,7 +188,6 @@ class PostgresBackend(Backend):
         )
         self._completions = Batcher(self._complete, max_in_flight=2, deadline=deadline)
         self._seen_checks = Batcher(self._seen, max_in_flight=2, deadline=deadline)
-        self._background: set[asyncio.Task[None]] = set()
 
     async def dispose(self) -> None:
         await self.stop_pruning()
@@ -291,11 +285,9 @@ class PostgresBackend(Backend):
     def _give_back_orphan(self, request: BeginRequest, answer: Begun | Refused) -> None:
         """A caller cancelled while its lease was being taken: give the lease back."""
         if isinstance(answer, Begun):
-            task = asyncio.get_running_loop().create_task(
+            self.later(
                 self.release(scope=request.scope, event_id=request.event_id, owner=request.owner)
             )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
 
     async def park(self, request: ParkRequest) -> bool:
         rows = await self._fetch(

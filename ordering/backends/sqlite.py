@@ -51,7 +51,6 @@ from .base import (
     ParkRequest,
     Refused,
     Rows,
-    StatementListener,
     require_served_revision,
 )
 from .batching import Batcher
@@ -202,10 +201,7 @@ class SqliteBackend(Backend):
         code_revision: str = CODE_REVISION,
         **options: Any,
     ) -> None:
-        self.url = url
-        self.queries = queries or sql.queries("sqlite")
-        self.code_revision = code_revision
-        self.listeners: list[StatementListener] = []
+        super().__init__(url, queries or sql.queries("sqlite"), code_revision)
         self.connections = SqliteConnections(url, **options)
         self.connections.before_first_use = self.check_version
         self.writers = frozenset(
