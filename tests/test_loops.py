@@ -12,7 +12,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 
-from ordering import CausalOrdering, ReceivedEvent
+from ordering import CausalOrdering, ReceivedEvent, dispose
 
 from .helpers import make_event, real_clock, sql_value
 
@@ -44,15 +44,17 @@ def _open_files() -> int:
 
 
 def _sessions(url: str) -> int:
+    return asyncio.run(_sessions_now(url))
+
+
+async def _sessions_now(url: str) -> int:
     """The store's sessions on the test's PostgreSQL database (0 on SQLite)."""
     if not url.startswith("postgresql"):
         return 0
-    count = asyncio.run(
-        sql_value(
-            url,
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'ordering'",
-        )
+    count = await sql_value(
+        url,
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = 'ordering'",
     )
     return int(count)
 
@@ -123,3 +125,27 @@ def test_a_loop_closed_without_shutting_down_leaves_nothing_once_collected(
         loops = _in_threads(4, run)
         loops.append(run())
         _assert_nothing_left(db_url, loops, files, sessions)
+
+
+async def test_operations_under_way_when_the_store_is_disposed_close_their_connections(
+    db_url: str, scope: str
+) -> None:
+    """``dispose()`` while calls are still running (a metrics refresh, a consumer being
+    stopped): the connections those calls give back afterwards are closed, not kept
+    by a pool nobody will use again."""
+    clock = real_clock()
+    await CausalOrdering(scope, url=db_url).event_has_been_seen(make_event(clock))
+    await dispose()
+    gc.collect()
+    files = _open_files()
+    sessions = await _sessions_now(db_url)
+
+    ordering: CausalOrdering[ReceivedEvent] = CausalOrdering(scope, url=db_url)
+    calls = [asyncio.create_task(ordering.event_has_been_seen(make_event(clock))) for _ in range(8)]
+    await asyncio.sleep(0.005)  # connecting or querying
+    assert not all(call.done() for call in calls), "no call was under way at dispose()"
+    await dispose()
+    assert await asyncio.gather(*calls) == [False] * 8
+    gc.collect()
+    assert _open_files() <= files, "a call that ended after dispose() kept its connection"
+    assert await _sessions_now(db_url) <= sessions

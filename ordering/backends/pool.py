@@ -129,6 +129,8 @@ class Connections(Generic[C], abc.ABC):
         self._idle: list[tuple[C, float]] = []
         self._closing_timer: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        #: Set by ``aclose()``: a connection given back from then on is closed.
+        self._closed = False
         self._slots = asyncio.Semaphore(max_connections)
         self.before_first_use: Callable[[], Awaitable[None]] | None = None
         self._system = metrics.system_of(url)
@@ -185,7 +187,9 @@ class Connections(Generic[C], abc.ABC):
         return await self.connect()
 
     async def _give_back(self, connection: C) -> None:
-        if self.is_usable(connection):
+        if self._closed:
+            await self.close(connection)
+        elif self.is_usable(connection):
             self._idle.append((connection, time.monotonic()))
             self._close_unused_later()
         else:
@@ -211,6 +215,13 @@ class Connections(Generic[C], abc.ABC):
             unused, _ = self._idle.pop(0)
             await self.close(unused)
         self._close_unused_later()
+
+    async def aclose(self) -> None:
+        """Close the idle connections, and each one given back from now on: a call
+        still running when its backend is disposed closes its connection as it ends,
+        instead of leaving it open in a pool nobody uses again."""
+        self._closed = True
+        await self.close_idle()
 
     async def close_idle(self) -> None:
         idle, self._idle = self._idle, []

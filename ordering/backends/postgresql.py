@@ -193,7 +193,7 @@ class PostgresBackend(Backend):
         await self.stop_pruning()
         await self._settle_later()
         await self.notifications.close()
-        await self.connections.close_idle()
+        await self.connections.aclose()
 
     # -- running statements -------------------------------------------------------
 

@@ -222,7 +222,7 @@ class SqliteBackend(Backend):
         await self._settle_later()
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
-        await self.connections.close_idle()
+        await self.connections.aclose()
 
     # -- running statements -------------------------------------------------------
 
