@@ -63,6 +63,7 @@ from ordering import (
 from ordering.models import utc_now
 from ordering.urls import with_prune_interval
 
+from .cpu import CpuSample, cpu_sample
 from .databases import admin_url, asyncpg_connect, postgres_database, sqlite_database
 from .memory import rss_kib
 from .sql import warm_up
@@ -342,6 +343,12 @@ class Period:
     dead: int
     rss_sum_mib: float
     rss_max_mib: float
+    #: CPU time per event handled: the workers' processes, and the rest of the
+    #: machine (the database server, this process, anything else running), in µs;
+    #: and the share of the machine's CPU time nobody used.
+    cpu_workers_us: float
+    cpu_rest_us: float
+    idle_pct: float
     pruned: int
     parked: int
     released: int
@@ -522,7 +529,12 @@ class Mailbox:
 
 
 def _period(
-    index: int, seconds: float, tallies: Sequence[Tally], stats: dict[str, int], rss: list[int]
+    index: int,
+    seconds: float,
+    tallies: Sequence[Tally],
+    stats: dict[str, int],
+    rss: list[int],
+    cpu: CpuSample,
 ) -> Period:
     handled: Counter[str] = Counter()
     buckets: Counter[int] = Counter()
@@ -544,6 +556,9 @@ def _period(
         dead=stats["dead"],
         rss_sum_mib=sum(rss) / 1024,
         rss_max_mib=max(rss) / 1024,
+        cpu_workers_us=cpu.processes / max(events, 1) * 1e6,
+        cpu_rest_us=cpu.rest / max(events, 1) * 1e6,
+        idle_pct=cpu.idle_share * 100,
         pruned=sum(t.pruned for t in tallies),
         parked=sum(t.parked for t in tallies),
         released=sum(t.released for t in tallies),
@@ -701,13 +716,17 @@ async def soak(url: str, args: argparse.Namespace, scope: str = SCOPE) -> SoakRe
             first = start + args.vacuum_every / 2
             vacuuming = asyncio.create_task(vacuum_every(url, first, args.vacuum_every))
         print(header(dialect), flush=True)
+        pids = [p.pid for p in processes if p.pid is not None]
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        cpu = cpu_sample(pids)
         for index, (began, ended) in enumerate(itertools.pairwise([start, *ends])):
             await asyncio.sleep(max(0.0, ended - time.monotonic()))
+            cpu_before, cpu = cpu, cpu_sample(pids)
             stats = await database_stats(settings.url, scope)
-            rss = [rss_kib(p.pid) for p in processes if p.pid is not None]
+            rss = [rss_kib(pid) for pid in pids]
             tallies = await mail.gather("period", args.workers, REPORT_TIMEOUT_S, index)
             chains.feed(h for tally in tallies for h in tally.chained)
-            rows.append(_period(index, ended - began, tallies, stats, rss))
+            rows.append(_period(index, ended - began, tallies, stats, rss, cpu - cpu_before))
             print(row_line(rows[-1]), flush=True)
         done = await mail.gather("done", args.workers, REPORT_TIMEOUT_S)
         chains.feed(h for report in done for h in report["chained_after_end"])
@@ -772,6 +791,9 @@ COLUMNS = (
     "{dead}",
     "RSS sum MiB",
     "RSS max MiB",
+    "CPU µs/event workers",
+    "rest",
+    "idle %",
     "pruned",
     "parked",
     "swept",
@@ -799,6 +821,9 @@ def _cells(period: Period) -> list[str]:
         f"{period.dead:,}",
         f"{period.rss_sum_mib:,.1f}",
         f"{period.rss_max_mib:,.1f}",
+        f"{period.cpu_workers_us:,.0f}",
+        f"{period.cpu_rest_us:,.0f}",
+        f"{period.idle_pct:.0f}",
         f"{period.pruned:,}",
         f"{period.parked:,}",
         f"{period.swept:,}",
@@ -806,7 +831,7 @@ def _cells(period: Period) -> list[str]:
     ]
 
 
-_WIDTHS = (7, 4, 8, 7, 7, 10, 8, 11, 11, 11, 9, 7, 6, 14)
+_WIDTHS = (7, 4, 8, 7, 7, 10, 8, 11, 11, 11, 20, 5, 6, 9, 7, 6, 14)
 
 
 def header(dialect: str) -> str:
@@ -889,8 +914,16 @@ def plot(result: SoakResult, path: Path) -> bool:
             ],
         ),
         ("seen rows pruned per period", [("pruned", [p.pruned for p in measured])]),
+        (
+            "CPU per event (µs)",
+            [
+                ("workers", [p.cpu_workers_us for p in measured]),
+                ("rest of the machine", [p.cpu_rest_us for p in measured]),
+            ],
+        ),
+        ("machine's CPU idle (%)", [("idle", [p.idle_pct for p in measured])]),
     ]
-    figure, axes = plt.subplots(3, 2, figsize=(11, 9), sharex=True)
+    figure, axes = plt.subplots(4, 2, figsize=(11, 11.5), sharex=True)
     first = True
     for axis, (title, series) in zip(axes.flat, panels, strict=True):
         for label, values in series:
