@@ -401,7 +401,7 @@ class CausalOrdering(Generic[E]):
         lease = _Lease(owner)
         _hold(self._key(event.id), lease)  # so that wait_for_leader gives it up when parking
         done = False
-        kept = self._keep(backend, owner)
+        kept = self._keep(backend, owner, now + self.lease_duration)
         try:
             try:
                 yield
@@ -474,15 +474,41 @@ class CausalOrdering(Generic[E]):
         metrics.LEASES_TAKEN_OVER.add(1, self._metric_attributes)
         self._log(event, "was taken over from a lease that expired (its worker died or stalled)")
 
-    def _keep(self, backend: Backend, owner: str) -> int:
-        """Have the owner's leases and claims renewed while its body runs long (see
-        ordering/renewal.py); give the key back to ``keeper().release``."""
+    def _keep(self, backend: Backend, owner: str, expires_at: datetime) -> int:
+        """Have the owner's leases and claims, which expire at ``expires_at``, renewed
+        while its body runs long (see ordering/renewal.py); give the key back to
+        ``keeper().release``.
+
+        A call that took longer than a lease's margin (a store slower than the lease is
+        short) leaves less than the usual time before expiry: the first renewal then
+        starts at once.  One that came back after the expiry, or a renewal that did, is
+        logged: another worker may have taken the lease over and handled the same event.
+        """
+        interval = self.lease_duration / 3
+        expiry = expires_at
+
+        def warn_if_expired(when: str) -> None:
+            late = self._now() - expiry
+            if late > timedelta(0):
+                logger.warning(
+                    "a lease or claim had expired %.1f s before %s: another worker may "
+                    "have taken it over and handled the same event (lease_duration is %s)",
+                    late.total_seconds(),
+                    when,
+                    self.lease_duration,
+                    extra={"scope": self.scope},
+                )
 
         async def renew() -> None:
-            expires_at = self._now() + self.lease_duration
-            await backend.renew(scope=self.scope, owner=owner, expires_at=expires_at)
+            nonlocal expiry
+            renewed_until = self._now() + self.lease_duration
+            await backend.renew(scope=self.scope, owner=owner, expires_at=renewed_until)
+            warn_if_expired("its renewal")
+            expiry = renewed_until
 
-        return keeper().hold(renew, self.lease_duration.total_seconds() / 3)
+        warn_if_expired("the store's answer came")
+        late = self.lease_duration - (expiry - self._now()) > interval
+        return keeper().hold(renew, interval.total_seconds(), due_now=late)
 
     # -- followers ------------------------------------------------------------------
 
@@ -669,7 +695,7 @@ class CausalOrdering(Generic[E]):
         released: list[str] = []
         claim: Claim | None = None
         done = False
-        kept = self._keep(backend, owner)
+        kept = self._keep(backend, owner, now + self.lease_duration)
         try:
             try:
                 if leader is not None and not leader_seen:
@@ -709,14 +735,14 @@ class CausalOrdering(Generic[E]):
             if not done and held is None:
                 await _shielded(backend.release(scope=self.scope, event_id=event.id, owner=owner))
         if released and claim is not None:
-            await self._hand_out(handler, event, self._load(released), claim.owner, depth)
+            await self._hand_out(handler, event, self._load(released), claim, depth)
 
     async def _hand_out(
         self,
         handler: EventHandler[E],
         leader: OrderedEvent,
         followers: list[E],
-        owner: str,
+        claimed: Claim,
         depth: int,
     ) -> None:
         """Hand released followers to the handler, in order, each then marked seen.
@@ -729,7 +755,8 @@ class CausalOrdering(Generic[E]):
         """
         pending = list(followers)
         backend = self.backend
-        kept = self._keep(backend, owner)
+        owner = claimed.owner
+        kept = self._keep(backend, owner, claimed.until)
         try:
             while pending:
                 follower = pending[0]
@@ -760,9 +787,7 @@ class CausalOrdering(Generic[E]):
                     metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
                 pending.pop(0)
                 if released:
-                    await self._hand_out(
-                        handler, follower, self._load(released), claim.owner, depth + 1
-                    )
+                    await self._hand_out(handler, follower, self._load(released), claim, depth + 1)
         except MaxDepthExceeded:
             self._log(leader, "reached its max depth of %s followers processed.", self.max_depth)
         except StoreUnavailable:

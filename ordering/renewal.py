@@ -30,9 +30,11 @@ class _Held:
 class LeaseKeeper:
     """Renews every held lease that is due, on one timer for the whole loop.
 
-    A renewal comes between one and two intervals after the last (the timer ticks
-    once per the shortest interval held), so with intervals of a third of the lease
-    duration a lease is always renewed before it expires.
+    A renewal starts between one and one and a half intervals after the last (the
+    timer ticks twice per the shortest interval held).  With intervals of a third of
+    the lease duration, a renewal starts at most half a lease after the last, which
+    leaves the store the other half to answer it, even when it is busy with other
+    writers (SQLite's write lock) or slow.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -43,14 +45,19 @@ class LeaseKeeper:
         self._tick = float("inf")
         self._renewing: set[asyncio.Task[None]] = set()
 
-    def hold(self, renew: Callable[[], Awaitable[None]], interval: float) -> int:
+    def hold(
+        self, renew: Callable[[], Awaitable[None]], interval: float, *, due_now: bool = False
+    ) -> int:
+        """Renew every ``interval`` seconds from now on (the first time at the next
+        tick if ``due_now``: the lease has less time left than it should)."""
         key = next(self._serial)
-        self._held[key] = _Held(renew, interval, self._loop.time() + interval)
+        due = self._loop.time() + (0.0 if due_now else interval)
+        self._held[key] = _Held(renew, interval, due)
         if interval < self._tick or self._timer is None:
             self._tick = min(self._tick, interval)
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self._loop.call_later(self._tick, self._fire)
+            self._timer = self._loop.call_later(self._tick / 2, self._fire)
         return key
 
     def release(self, key: int) -> None:
@@ -67,7 +74,7 @@ class LeaseKeeper:
                 task = self._loop.create_task(self._renew(held.renew))
                 self._renewing.add(task)
                 task.add_done_callback(self._renewing.discard)
-        self._timer = self._loop.call_later(self._tick, self._fire)
+        self._timer = self._loop.call_later(self._tick / 2, self._fire)
 
     @staticmethod
     async def _renew(renew: Callable[[], Awaitable[None]]) -> None:

@@ -5,8 +5,9 @@ operations, and the SQLite specifics."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -222,6 +223,44 @@ async def test_a_slow_body_keeps_its_lease_alive(db_url: str, scope: str) -> Non
         await asyncio.sleep(2.0)
         assert not await other.record_event_as_processing(event)
     assert await other.event_has_been_seen(event)
+    await holder.clear()
+
+
+async def test_a_lease_that_comes_back_late_is_renewed_at_once(
+    db_url: str, scope: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call that took longer than a lease's margin (here the clock jumps past the
+    lease while the lease is taken) leaves it less time than the renewals' schedule
+    assumes: it is renewed at the keeper's next tick, not an interval later, and the
+    lateness is logged.  With a 12 s lease, the keeper ticks every 2 s and renews
+    every 4 s."""
+    lease = timedelta(seconds=12)
+    clock = real_clock()
+    start = clock.now
+    holder = CausalOrdering(scope, url=db_url, lease_duration=lease, clock=clock)
+
+    def took_long(name: str, _sql: str) -> None:
+        if name.startswith("begin") and clock.now == start:
+            clock.advance(lease + timedelta(seconds=0.5))
+
+    holder.backend.listeners.append(took_long)
+
+    async def renewed() -> bool:
+        [row] = await run_sql(
+            db_url,
+            "SELECT expires_at FROM {processing_leases} WHERE scope = :scope",
+            {"scope": scope},
+        )
+        expires_at = row["expires_at"]
+        if isinstance(expires_at, str):  # SQLite's text layout, in UTC
+            expires_at = datetime.fromisoformat(expires_at).replace(tzinfo=UTC)
+        return bool(expires_at > start + lease)
+
+    with caplog.at_level(logging.WARNING, logger="ordering"):
+        async with holder.event_is_processing(make_event(clock)):
+            assert "had expired 0.5 s before the store's answer came" in caplog.text
+            await eventually(renewed, what="the late lease renewed", within=3.5)
+    holder.backend.listeners.remove(took_long)
     await holder.clear()
 
 
