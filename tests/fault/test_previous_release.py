@@ -17,9 +17,9 @@ The deploy:
    events delivered twice, eight deliveries in flight per worker.
 
 When both releases are at the same schema revision, step 2 changes nothing; the summary
-line says which revisions ran.  The previous release's workers run this checkout's
-worker module (tests/fault/worker.py) with their own ``ordering``; no ``?deadline=`` in
-their URL, which that release does not know.
+line says which revisions ran.  The previous release's workers run that release's own
+worker module (tests/fault/worker.py from its tree) with its own ``ordering``; no
+``?deadline=`` in their URL, which that release does not know.
 """
 
 from __future__ import annotations

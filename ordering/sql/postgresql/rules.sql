@@ -1,5 +1,5 @@
 -- The store's rules, each written once for PostgreSQL.  A rule is an SQL expression
--- with named holes; queries.sql and schema.sql use it as {rule(arg, ...)} and the
+-- with named holes; queries.sql and definitions.sql use it as {rule(arg, ...)} and the
 -- loader (ordering/sql/__init__.py) writes it out in place, so the database runs
 -- plain SQL with nothing to call.
 
