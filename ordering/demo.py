@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 
 from . import admin
 from .causal import CausalOrdering, dispose
-from .exceptions import EventArrivedEarly
+from .consumer import OrderedConsumer, Verdict
 from .models import ReceivedEvent
 from .urls import safe_url
 
@@ -50,31 +50,35 @@ async def run_demo(url: str, *, seed: int = 7) -> int:
     delivery = events[:]
     random.Random(seed).shuffle(delivery)
     handled: list[ReceivedEvent] = []
+    delivered: ReceivedEvent | None = None
 
-    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
-        async with ordering.preceding_event_confirmed(handler, event, depth=depth):
-            handled.append(event)
-            if depth:
-                print(f"      -> released {event.event} (its leader has now been handled)")
+    async def handle(event: ReceivedEvent) -> None:
+        handled.append(event)
+        if event is not delivered:
+            print(f"      -> released {event.event} (its leader has now been handled)")
 
     print(f"ordering demo on {safe_url(url)}, scope {SCOPE!r}")
     print(f"\nDelivering {len(delivery)} events in a jumbled order:")
-    for event in delivery:
-        leader = names.get(event.follows) if event.follows else None
-        print(
-            f"  {event.event:<16} "
-            + (
-                f"follows {leader}"
-                if leader
-                else "follows nothing"
-                if event.follows is None
-                else "follows an event that never arrives"
+    # The consumer a broker callback would use (README, "Use it in a consumer"); the
+    # demo has no lost followers to sweep before the lookback, so no background sweep.
+    async with OrderedConsumer(ordering, handle, sweep_interval=None) as consumer:
+        for delivered in delivery:
+            leader = names.get(delivered.follows) if delivered.follows else None
+            print(
+                f"  {delivered.event:<16} "
+                + (
+                    f"follows {leader}"
+                    if leader
+                    else "follows nothing"
+                    if delivered.follows is None
+                    else "follows an event that never arrives"
+                )
             )
-        )
-        try:
-            await handler(event)
-        except EventArrivedEarly:
-            print("      parked: its leader has not been handled yet")
+            outcome = await consumer.deliver(delivered)
+            if outcome.verdict is Verdict.PARKED:
+                print("      parked: its leader has not been handled yet")
+            elif not outcome.acknowledge:
+                print(f"      {outcome.verdict.value}: {outcome.error!r}")
 
     print("\nHandled, in this order:")
     position = {e.id: i for i, e in enumerate(handled)}
