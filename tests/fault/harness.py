@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -308,15 +309,20 @@ class Harness:
         broker does with a dead consumer's messages."""
         assert self.workload is not None
         acks_path = self.run_dir / f"{name}.acks"
-        acked = set(acks_path.read_text().split()) if acks_path.exists() else set()
+        # A broker tracks messages, not events: an event delivered twice to the worker
+        # (a duplicate) and acknowledged once still has a message to deliver again, and
+        # that copy may be the one holding the event's lease when the worker died.
+        acks = Counter(acks_path.read_text().split() if acks_path.exists() else [])
         queue = self.workload.queues[int(name[1:])]
-        unacked: dict[UUID, ReceivedEvent] = {}
+        unacked: list[ReceivedEvent] = []
         for event in queue:
-            if str(event.id) not in acked:
-                unacked.setdefault(event.id, event)
+            if acks[str(event.id)] > 0:
+                acks[str(event.id)] -= 1
+            else:
+                unacked.append(event)
         new_name = f"w{len(self.processes)}"
         options = self._block_options() if self.blocking_workers is None else {}
-        self.start_worker(new_name, list(unacked.values()), options)
+        self.start_worker(new_name, unacked, options)
         return new_name
 
     def terminate_backends(self) -> int:
