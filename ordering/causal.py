@@ -487,8 +487,8 @@ class CausalOrdering(Generic[E]):
         interval = self.lease_duration / 3
         expiry = expires_at
 
-        def warn_if_expired(when: str) -> None:
-            late = self._now() - expiry
+        def warn_if_expired(now: datetime, when: str) -> None:
+            late = now - expiry
             if late > timedelta(0):
                 logger.warning(
                     "a lease or claim had expired %.1f s before %s: another worker may "
@@ -503,11 +503,12 @@ class CausalOrdering(Generic[E]):
             nonlocal expiry
             renewed_until = self._now() + self.lease_duration
             await backend.renew(scope=self.scope, owner=owner, expires_at=renewed_until)
-            warn_if_expired("its renewal")
+            warn_if_expired(self._now(), "its renewal")
             expiry = renewed_until
 
-        warn_if_expired("the store's answer came")
-        late = self.lease_duration - (expiry - self._now()) > interval
+        now = self._now()
+        warn_if_expired(now, "the store's answer came")
+        late = self.lease_duration - (expiry - now) > interval
         return keeper().hold(renew, interval.total_seconds(), due_now=late)
 
     # -- followers ------------------------------------------------------------------
