@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 from collections import Counter
+from collections.abc import Coroutine
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
@@ -74,6 +75,20 @@ def _pool_ids(ordering: CausalOrdering[Any]) -> list[int]:
     return [id(connection) for connection, _ in ordering.backend.connections._idle]
 
 
+async def _waking_often(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` while a timer wakes the loop every 10 ms."""
+
+    async def tick() -> None:
+        while True:  # noqa: ASYNC110 (the timer is the point: it wakes the loop)
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.ensure_future(tick())
+    try:
+        await work
+    finally:
+        ticking.cancel()
+
+
 def _worker(
     url: str,
     scope: str,
@@ -87,7 +102,12 @@ def _worker(
     events = [ReceivedEvent.model_validate_json(text) for text in event_json]
     work = _contend(url, scope, events, barrier, report)
     if parent_loop is not None and sys.version_info < (3, 12):
-        parent_loop.run_until_complete(work)  # the loop the parent made, inherited
+        # The loop the parent made, inherited.  Its wake-up socket pair and its epoll
+        # instance are the parent's, shared by all the children: a wake-up that a worker
+        # thread (SQLite's) sends this child can be read by the other, leaving this one
+        # asleep until its next timer.  A timer every few milliseconds bounds that wait;
+        # it is the inherited loop's, not the store's, to share.
+        parent_loop.run_until_complete(_waking_often(work))
     elif parent_loop is not None:
         # From Python 3.12 asyncio resets its own state in a forked child, and the
         # parent's loop is not to be run there: a fresh one, beside the inherited one.
