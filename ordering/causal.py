@@ -12,6 +12,7 @@ import contextvars
 import itertools
 import logging
 import os
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -395,13 +396,13 @@ class CausalOrdering(Generic[E]):
             yield  # a leader released this follower to us: its lease is already ours
             return
         owner = _new_owner()
-        now = self._now()
+        now, asked_at = self._now(), time.monotonic()
         backend = self.backend
         await self._take_lease(backend, event, owner, now, None)
         lease = _Lease(owner)
         _hold(self._key(event.id), lease)  # so that wait_for_leader gives it up when parking
         done = False
-        kept = self._keep(backend, owner, now + self.lease_duration)
+        kept = self._keep(backend, owner, asked_at)
         try:
             try:
                 yield
@@ -474,42 +475,44 @@ class CausalOrdering(Generic[E]):
         metrics.LEASES_TAKEN_OVER.add(1, self._metric_attributes)
         self._log(event, "was taken over from a lease that expired (its worker died or stalled)")
 
-    def _keep(self, backend: Backend, owner: str, expires_at: datetime) -> int:
-        """Have the owner's leases and claims, which expire at ``expires_at``, renewed
-        while its body runs long (see ordering/renewal.py); give the key back to
-        ``keeper().release``.
+    def _keep(self, backend: Backend, owner: str, asked_at: float) -> int:
+        """Have the owner's leases and claims, taken by a call made at ``asked_at``
+        (``time.monotonic()``), renewed while its body runs long (see
+        ordering/renewal.py); give the key back to ``keeper().release``.
 
-        A call that took longer than a lease's margin (a store slower than the lease is
-        short) leaves less than the usual time before expiry: the first renewal then
+        A call that took longer than a third of the lease (a store slower than the lease
+        is short) leaves less than the usual time before expiry: the first renewal then
         starts at once.  One that came back after the expiry, or a renewal that did, is
         logged: another worker may have taken the lease over and handled the same event.
+        The time a call took is the process's own, not the ordering's clock.
         """
-        interval = self.lease_duration / 3
-        expiry = expires_at
-
-        def warn_if_expired(now: datetime, when: str) -> None:
-            late = now - expiry
-            if late > timedelta(0):
-                logger.warning(
-                    "a lease or claim had expired %.1f s before %s: another worker may "
-                    "have taken it over and handled the same event (lease_duration is %s)",
-                    late.total_seconds(),
-                    when,
-                    self.lease_duration,
-                    extra={"scope": self.scope},
-                )
+        lease = self.lease_duration.total_seconds()
+        took = time.monotonic() - asked_at
+        if took >= lease:
+            self._expired_before(took - lease, "the store's answer came")
+        expires = asked_at + lease
 
         async def renew() -> None:
-            nonlocal expiry
-            renewed_until = self._now() + self.lease_duration
-            await backend.renew(scope=self.scope, owner=owner, expires_at=renewed_until)
-            warn_if_expired(self._now(), "its renewal")
-            expiry = renewed_until
+            nonlocal expires
+            renewed_at = time.monotonic()
+            expires_at = self._now() + self.lease_duration
+            await backend.renew(scope=self.scope, owner=owner, expires_at=expires_at)
+            late = time.monotonic() - expires
+            if late > 0:
+                self._expired_before(late, "its renewal")
+            expires = renewed_at + lease
 
-        now = self._now()
-        warn_if_expired(now, "the store's answer came")
-        late = self.lease_duration - (expiry - now) > interval
-        return keeper().hold(renew, interval.total_seconds(), due_now=late)
+        return keeper().hold(renew, lease / 3, due_now=took > lease / 3)
+
+    def _expired_before(self, seconds: float, when: str) -> None:
+        logger.warning(
+            "a lease or claim had expired %.1f s before %s: another worker may have taken "
+            "it over and handled the same event (lease_duration is %s)",
+            seconds,
+            when,
+            self.lease_duration,
+            extra={"scope": self.scope},
+        )
 
     # -- followers ------------------------------------------------------------------
 
@@ -678,7 +681,7 @@ class CausalOrdering(Generic[E]):
             self._log(event, "has exceeded the maximum recursion depth %s", self.max_depth)
             raise MaxDepthExceeded(event)
         backend = self.backend
-        now = self._now()
+        now, asked_at = self._now(), time.monotonic()
         leader = self._leader_to_wait_for(event, now)
         held = self._lease_of(event.id)
         if held is not None and not held.released_by_leader:
@@ -696,7 +699,7 @@ class CausalOrdering(Generic[E]):
         released: list[str] = []
         claim: Claim | None = None
         done = False
-        kept = self._keep(backend, owner, now + self.lease_duration)
+        kept = self._keep(backend, owner, asked_at)
         try:
             try:
                 if leader is not None and not leader_seen:
@@ -704,7 +707,7 @@ class CausalOrdering(Generic[E]):
                 yield
             finally:
                 keeper().release(kept)
-            now = self._now()
+            now, asked_at = self._now(), time.monotonic()
             claim = Claim(owner=_new_owner(), until=now + self.lease_duration)
             released = await backend.complete(
                 CompleteRequest(
@@ -736,14 +739,15 @@ class CausalOrdering(Generic[E]):
             if not done and held is None:
                 await _shielded(backend.release(scope=self.scope, event_id=event.id, owner=owner))
         if released and claim is not None:
-            await self._hand_out(handler, event, self._load(released), claim, depth)
+            await self._hand_out(handler, event, self._load(released), claim.owner, asked_at, depth)
 
     async def _hand_out(
         self,
         handler: EventHandler[E],
         leader: OrderedEvent,
         followers: list[E],
-        claimed: Claim,
+        owner: str,
+        claimed_at: float,
         depth: int,
     ) -> None:
         """Hand released followers to the handler, in order, each then marked seen.
@@ -756,8 +760,7 @@ class CausalOrdering(Generic[E]):
         """
         pending = list(followers)
         backend = self.backend
-        owner = claimed.owner
-        kept = self._keep(backend, owner, claimed.until)
+        kept = self._keep(backend, owner, claimed_at)
         try:
             while pending:
                 follower = pending[0]
@@ -772,9 +775,9 @@ class CausalOrdering(Generic[E]):
                 finally:
                     _let_go(key, lease)
                 released: list[str] = []
-                claim = Claim(owner=_new_owner(), until=self._now() + self.lease_duration)
+                now, asked_at = self._now(), time.monotonic()
+                claim = Claim(owner=_new_owner(), until=now + self.lease_duration)
                 if not lease.completed:
-                    now = self._now()
                     released = await backend.complete(
                         CompleteRequest(
                             scope=self.scope,
@@ -788,7 +791,9 @@ class CausalOrdering(Generic[E]):
                     metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
                 pending.pop(0)
                 if released:
-                    await self._hand_out(handler, follower, self._load(released), claim, depth + 1)
+                    await self._hand_out(
+                        handler, follower, self._load(released), claim.owner, asked_at, depth + 1
+                    )
         except MaxDepthExceeded:
             self._log(leader, "reached its max depth of %s followers processed.", self.max_depth)
         except StoreUnavailable:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from ordering import (
 from ordering.backends import PostgresBackend, _registry
 from ordering.causal import dispose_engines
 from ordering.migrate import current_revision, upgrade
+from ordering.models import utc_now
 from ordering.schema import CODE_REVISION
 
 from .helpers import (
@@ -226,41 +229,69 @@ async def test_a_slow_body_keeps_its_lease_alive(db_url: str, scope: str) -> Non
     await holder.clear()
 
 
-async def test_a_lease_that_comes_back_late_is_renewed_at_once(
+def _slow_begin(seconds: float) -> Callable[[str, str], None]:
+    """A statement listener that holds up the first ``begin`` for ``seconds`` of real
+    time, as a busy store would."""
+    slowed: list[str] = []
+
+    def listener(name: str, _sql: str) -> None:
+        if name.startswith("begin") and not slowed:
+            slowed.append(name)
+            time.sleep(seconds)
+
+    return listener
+
+
+async def _lease_expiry(url: str, scope: str) -> datetime:
+    [row] = await run_sql(
+        url, "SELECT expires_at FROM {processing_leases} WHERE scope = :scope", {"scope": scope}
+    )
+    expires_at = row["expires_at"]
+    if isinstance(expires_at, str):  # SQLite's text layout, in UTC
+        return datetime.fromisoformat(expires_at).replace(tzinfo=UTC)
+    assert isinstance(expires_at, datetime)
+    return expires_at
+
+
+async def test_a_lease_that_comes_back_late_is_renewed_at_once(db_url: str, scope: str) -> None:
+    """A begin that took longer than a third of the lease (held up 2.5 s here, of a 6 s
+    lease) leaves the lease less time than the renewals' schedule assumes: it is
+    renewed at the keeper's next tick (every 1 s), not a whole interval (2 s) later,
+    when it would have had half a second left."""
+    lease = timedelta(seconds=6)
+    holder = CausalOrdering(scope, url=db_url, lease_duration=lease)
+    slow = _slow_begin(2.5)
+    holder.backend.listeners.append(slow)
+    asked = utc_now()
+    try:
+        async with holder.event_is_processing(make_event(real_clock())):
+            taken_until = asked + lease
+
+            async def renewed() -> bool:
+                return await _lease_expiry(db_url, scope) > taken_until + timedelta(seconds=1)
+
+            await eventually(renewed, what="the late lease renewed", within=1.6)
+    finally:
+        holder.backend.listeners.remove(slow)
+    await holder.clear()
+
+
+async def test_a_lease_that_comes_back_expired_is_logged(
     db_url: str, scope: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A call that took longer than a lease's margin (here the clock jumps past the
-    lease while the lease is taken) leaves it less time than the renewals' schedule
-    assumes: it is renewed at the keeper's next tick, not an interval later, and the
-    lateness is logged.  With a 12 s lease, the keeper ticks every 2 s and renews
-    every 4 s."""
-    lease = timedelta(seconds=12)
-    clock = real_clock()
-    start = clock.now
-    holder = CausalOrdering(scope, url=db_url, lease_duration=lease, clock=clock)
-
-    def took_long(name: str, _sql: str) -> None:
-        if name.startswith("begin") and clock.now == start:
-            clock.advance(lease + timedelta(seconds=0.5))
-
-    holder.backend.listeners.append(took_long)
-
-    async def renewed() -> bool:
-        [row] = await run_sql(
-            db_url,
-            "SELECT expires_at FROM {processing_leases} WHERE scope = :scope",
-            {"scope": scope},
-        )
-        expires_at = row["expires_at"]
-        if isinstance(expires_at, str):  # SQLite's text layout, in UTC
-            expires_at = datetime.fromisoformat(expires_at).replace(tzinfo=UTC)
-        return bool(expires_at > start + lease)
-
-    with caplog.at_level(logging.WARNING, logger="ordering"):
-        async with holder.event_is_processing(make_event(clock)):
-            assert "had expired 0.5 s before the store's answer came" in caplog.text
-            await eventually(renewed, what="the late lease renewed", within=3.5)
-    holder.backend.listeners.remove(took_long)
+    """A begin that came back after the lease it took had expired says so: another
+    worker may have taken the event over meanwhile."""
+    holder = CausalOrdering(scope, url=db_url, lease_duration=timedelta(seconds=1))
+    slow = _slow_begin(1.3)
+    holder.backend.listeners.append(slow)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ordering"):
+            async with holder.event_is_processing(make_event(real_clock())):
+                pass
+    finally:
+        holder.backend.listeners.remove(slow)
+    assert "a lease or claim had expired" in caplog.text
+    assert "before the store's answer came" in caplog.text
     await holder.clear()
 
 
