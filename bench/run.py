@@ -27,6 +27,7 @@ from ordering import dispose
 from ordering.backends import backend_for
 
 from . import profiling, redis_peer, reference, wakeup, workers
+from .cpu import cpu_sample
 from .databases import (
     DatabaseUnavailable,
     admin_url,
@@ -471,23 +472,15 @@ async def _durability(url: str) -> str:
 def _busy_cores(seconds: float = 0.5) -> float | None:
     """How many cores other processes kept busy over ``seconds`` (this one sleeps
     meanwhile), from /proc/stat; None where there is none."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            ticks = [int(n) for n in stat.readline().split()[1:]]
-        idle = ticks[3] + ticks[4]  # idle and iowait
-        return sum(ticks) - idle, sum(ticks)
-
     try:
-        busy_before, total_before = sample()
+        before = cpu_sample(())
         time.sleep(seconds)
-        busy_after, total_after = sample()
+        spent = cpu_sample(()) - before
     except (OSError, ValueError, IndexError):
         return None
-    elapsed = total_after - total_before
-    if elapsed <= 0:
+    if spent.busy + spent.idle <= 0:
         return None
-    return (busy_after - busy_before) / elapsed * (os.cpu_count() or 1)
+    return (1 - spent.idle_share) * (os.cpu_count() or 1)
 
 
 def _progress(message: str) -> None:
