@@ -699,14 +699,16 @@ class CausalOrdering(Generic[E]):
         released: list[str] = []
         claim: Claim | None = None
         done = False
-        kept = self._keep(backend, owner, asked_at)
+        # A released follower's lease is its leader's claim, which _hand_out keeps.
+        kept = self._keep(backend, owner, asked_at) if held is None else None
         try:
             try:
                 if leader is not None and not leader_seen:
                     await self._wait_or_park(event, leader, leader_in_flight, owner)
                 yield
             finally:
-                keeper().release(kept)
+                if kept is not None:
+                    keeper().release(kept)
             now, asked_at = self._now(), time.monotonic()
             claim = Claim(owner=_new_owner(), until=now + self.lease_duration)
             released = await backend.complete(
@@ -774,21 +776,22 @@ class CausalOrdering(Generic[E]):
                     await handler(follower, depth=depth + 1)
                 finally:
                     _let_go(key, lease)
-                released: list[str] = []
+                if lease.completed:  # its handler's own call completed it, and handed on
+                    pending.pop(0)
+                    continue
                 now, asked_at = self._now(), time.monotonic()
                 claim = Claim(owner=_new_owner(), until=now + self.lease_duration)
-                if not lease.completed:
-                    released = await backend.complete(
-                        CompleteRequest(
-                            scope=self.scope,
-                            event_id=follower.id,
-                            lease_owner=owner,
-                            now=now,
-                            claim=claim,
-                            seen_until=now + self.seen_expiration,
-                        )
+                released = await backend.complete(
+                    CompleteRequest(
+                        scope=self.scope,
+                        event_id=follower.id,
+                        lease_owner=owner,
+                        now=now,
+                        claim=claim,
+                        seen_until=now + self.seen_expiration,
                     )
-                    metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
+                )
+                metrics.EVENTS_COMPLETED.add(1, self._metric_attributes)
                 pending.pop(0)
                 if released:
                     await self._hand_out(
