@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from ordering import (
     SEEN_EXPIRATION,
     CausalOrdering,
+    EventArrivedEarly,
     EventBeingProcessed,
     ReceivedEvent,
     dispose,
@@ -33,6 +34,7 @@ from ordering.schema import CODE_REVISION
 from .helpers import (
     MutableClock,
     eventually,
+    make_chain,
     make_event,
     real_clock,
     rows_of_scope,
@@ -229,28 +231,32 @@ async def test_a_slow_body_keeps_its_lease_alive(db_url: str, scope: str) -> Non
     await holder.clear()
 
 
-def _slow_begin(seconds: float) -> Callable[[str, str], None]:
-    """A statement listener that holds up the first ``begin`` for ``seconds`` of real
-    time, as a busy store would."""
+def _slow(*statements: str, seconds: float) -> Callable[[str, str], None]:
+    """A statement listener that holds up the first of ``statements`` the store sends
+    for ``seconds`` of real time, as a busy store would."""
     slowed: list[str] = []
 
     def listener(name: str, _sql: str) -> None:
-        if name.startswith("begin") and not slowed:
+        if name.startswith(statements) and not slowed:
             slowed.append(name)
             time.sleep(seconds)
 
     return listener
 
 
-async def _lease_expiry(url: str, scope: str) -> datetime:
-    [row] = await run_sql(
-        url, "SELECT expires_at FROM {processing_leases} WHERE scope = :scope", {"scope": scope}
-    )
-    expires_at = row["expires_at"]
+async def _expiry(url: str, sql: str, scope: str) -> datetime:
+    """The one time ``sql`` selects for the scope, as an aware datetime."""
+    [row] = await run_sql(url, sql, {"scope": scope})
+    [expires_at] = row.values()
     if isinstance(expires_at, str):  # SQLite's text layout, in UTC
         return datetime.fromisoformat(expires_at).replace(tzinfo=UTC)
     assert isinstance(expires_at, datetime)
     return expires_at
+
+
+async def _lease_expiry(url: str, scope: str) -> datetime:
+    sql = "SELECT expires_at FROM {processing_leases} WHERE scope = :scope"
+    return await _expiry(url, sql, scope)
 
 
 async def test_a_lease_that_comes_back_late_is_renewed_at_once(db_url: str, scope: str) -> None:
@@ -260,7 +266,7 @@ async def test_a_lease_that_comes_back_late_is_renewed_at_once(db_url: str, scop
     when it would have had half a second left."""
     lease = timedelta(seconds=6)
     holder = CausalOrdering(scope, url=db_url, lease_duration=lease)
-    slow = _slow_begin(2.5)
+    slow = _slow("begin", seconds=2.5)
     holder.backend.listeners.append(slow)
     asked = utc_now()
     try:
@@ -276,13 +282,57 @@ async def test_a_lease_that_comes_back_late_is_renewed_at_once(db_url: str, scop
     await holder.clear()
 
 
+async def test_claims_that_come_back_late_are_renewed_at_once(db_url: str, scope: str) -> None:
+    """The same for the claim a leader's completion takes on its followers: the
+    completion held up 2.5 s of a 6 s lease, the parked follower's claim is renewed at
+    the keeper's next tick, while the follower is handed on."""
+    lease = timedelta(seconds=6)
+    holder = CausalOrdering(scope, url=db_url, lease_duration=lease)
+    clock = real_clock()
+    leader, follower = make_chain(clock, 2)
+    claimed = "SELECT claimed_until FROM {waiting_followers} WHERE scope = :scope"
+    renewals: list[bool] = []
+
+    async def handler(event: ReceivedEvent, depth: int = 0) -> None:
+        async with holder.preceding_event_confirmed(handler, event, depth):
+            if event.id != follower.id:
+                return
+            # The claim was taken until a lease after the completion was asked for.
+            taken_until = asked[0] + lease
+
+            async def renewed() -> bool:
+                later = await _expiry(db_url, claimed, scope)
+                return later > taken_until + timedelta(seconds=1)
+
+            await eventually(renewed, what="the late claim renewed", within=1.6)
+            renewals.append(True)
+
+    with pytest.raises(EventArrivedEarly):
+        await handler(follower)
+    # PostgreSQL completes in one statement; SQLite's claim is a step of its own.
+    slow = _slow("complete", "claim", seconds=2.5)
+    asked: list[datetime] = []
+
+    def note_time(_name: str, _sql: str) -> None:
+        asked.append(utc_now())
+
+    holder.backend.listeners += [note_time, slow]
+    try:
+        await handler(leader)
+    finally:
+        holder.backend.listeners.remove(note_time)
+        holder.backend.listeners.remove(slow)
+    assert renewals == [True], "the follower was not handed on"
+    await holder.clear()
+
+
 async def test_a_lease_that_comes_back_expired_is_logged(
     db_url: str, scope: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A begin that came back after the lease it took had expired says so: another
     worker may have taken the event over meanwhile."""
     holder = CausalOrdering(scope, url=db_url, lease_duration=timedelta(seconds=1))
-    slow = _slow_begin(1.3)
+    slow = _slow("begin", seconds=1.3)
     holder.backend.listeners.append(slow)
     try:
         with caplog.at_level(logging.WARNING, logger="ordering"):
